@@ -1,0 +1,55 @@
+# Every target that runs project code depends on `setup`, which installs only when the lock file or
+# pyproject.toml changed since the last install.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-stamp
+HOST ?= 127.0.0.1
+
+.PHONY: setup lock pipeline test test-unit mlflow-ui serve loadtest bench loop-demo clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "pip>=24"
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $@
+
+# Re-resolve the direct dependencies of pyproject.toml into a fresh venv and pin the result.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade "pip>=24"
+	.venv-lock/bin/pip install --quiet -e ".[dev]"
+	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock
+	rm -rf .venv-lock
+
+pipeline: setup
+	$(BIN)/dvc repro
+
+test: setup
+	$(PY) -m pytest
+
+test-unit: setup
+	$(PY) -m pytest tests/unit
+
+mlflow-ui: setup
+	$(BIN)/detops mlflow-ui --host $(HOST)
+
+serve: setup
+	$(BIN)/detops build
+	$(BIN)/bentoml serve serving.service:Detector --host $(HOST) --port 3000
+
+loadtest: setup
+	$(PY) -m tests.load.run
+
+bench: setup
+	$(PY) -m tests.bench.serving_bench
+
+loop-demo: setup
+	$(PY) -m tests.integration.loop_demo
+
+clean:
+	rm -rf $(VENV) .cache

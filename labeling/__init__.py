@@ -1,0 +1,1 @@
+"""labeling stage of the detection lifecycle."""

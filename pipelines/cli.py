@@ -1,0 +1,151 @@
+"""`detops`: one verb per lifecycle stage. dvc.yaml calls these verbs; people do too.
+
+Each verb reads its own section of params.yaml and lets options override inputs and outputs. Heavy
+libraries are imported inside the verbs so that `detops --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+
+from pipelines import environment
+from pipelines.config import PARAMS_ENV, load_section
+from pipelines.errors import DetopsError
+
+app = typer.Typer(
+    name="detops",
+    help="Object-detection lifecycle: Label Studio -> dataset -> YOLO -> registry -> BentoML -> drift.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.callback()
+def _main(
+    params: Annotated[Optional[Path], typer.Option("--params", help="params file (default ./params.yaml)")] = None,
+) -> None:
+    if params is not None:
+        os.environ[PARAMS_ENV] = str(params)
+    environment.configure()
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a DetopsError into one red line on stderr and its exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DetopsError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+PathOpt = Annotated[Optional[Path], typer.Option()]
+
+
+# --------------------------------------------------------------------------- data
+@app.command()
+@user_errors
+def synthesize(
+    out: Annotated[Optional[Path], typer.Option(help="output folder")] = None,
+    n_images: Annotated[Optional[int], typer.Option("--n-images", help="number of images")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="random seed")] = None,
+    shift: Annotated[Optional[str], typer.Option(help="drift: dark, blur, background, scale, unseen_class")] = None,
+) -> None:
+    """Generate a synthetic Label Studio project: export.json, images/, labeling_config.xml."""
+    from labeling.synthetic import synthesize as run
+
+    cfg = load_section("synthesize", out=out, n_images=n_images, seed=seed, shift=shift)
+    run(cfg)
+
+
+@app.command()
+@user_errors
+def ingest(
+    export: Annotated[Optional[Path], typer.Option(help="Label Studio JSON export")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output YOLO dataset folder")] = None,
+    images_root: Annotated[Optional[Path], typer.Option("--images-root", help="where the images live locally")] = None,
+    labeling_config: Annotated[Optional[Path], typer.Option("--labeling-config", help="labeling config XML")] = None,
+) -> None:
+    """Convert a Label Studio export into a split YOLO dataset and an ingest report."""
+    from labeling.ingest import ingest as run
+
+    cfg = load_section("ingest", export=export, out=out, images_root=images_root, labeling_config=labeling_config)
+    run(cfg)
+
+
+@app.command()
+@user_errors
+def pull(
+    project: Annotated[int, typer.Option(help="Label Studio project id")],
+    out: Annotated[Path, typer.Option(help="folder for export.json, labeling_config.xml and images/")],
+) -> None:
+    """Export a project from a live Label Studio server (LABEL_STUDIO_URL, LABEL_STUDIO_API_KEY)."""
+    from labeling.studio import pull as run
+
+    run(project_id=project, out=out)
+
+
+@app.command()
+@user_errors
+def validate(
+    dataset: Annotated[Optional[Path], typer.Option(help="YOLO dataset folder")] = None,
+    report: Annotated[Optional[Path], typer.Option(help="report folder")] = None,
+) -> None:
+    """Check the dataset with Great Expectations; exit 1 when an expectation fails."""
+    from training.validate import validate as run
+
+    cfg = load_section("validate", dataset=dataset, report=report)
+    run(cfg)
+
+
+@app.command()
+@user_errors
+def augment(
+    dataset: Annotated[Optional[Path], typer.Option(help="YOLO dataset folder")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="augmented dataset folder")] = None,
+) -> None:
+    """Write an augmented copy of the dataset (train split only) and a preview grid."""
+    from training.augment import augment as run
+
+    cfg = load_section("augment", dataset=dataset, out=out)
+    run(cfg)
+
+
+# --------------------------------------------------------------------------- model: train, tune
+# (verbs of training/ go here)
+
+
+# --------------------------------------------------------------------------- model: evaluate
+# (verbs of evaluation/evaluate.py go here)
+
+
+# --------------------------------------------------------------------------- registry
+# (register, promote, rollback, mlflow-ui go here)
+
+
+# --------------------------------------------------------------------------- serving
+# (build goes here)
+
+
+# --------------------------------------------------------------------------- monitoring
+# (simulate, drift, push, purge go here)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,269 @@
+"""Typed configuration: one pydantic model per section of params.yaml.
+
+Each CLI verb (and so each DVC stage) reads its own section. Unknown keys and wrong types are refused
+with a one-line message naming the key, e.g. ``params.yaml: train.epochs: Input should be a valid
+integer (got 'ten')``. Paths are relative to the working directory, as DVC runs stages from the
+repository root.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipelines.errors import DetopsError
+
+PARAMS_ENV = "DETOPS_PARAMS"
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, defaults are validated too."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+
+
+# --------------------------------------------------------------------------- data
+ShiftName = Literal["dark", "blur", "background", "scale", "unseen_class"]
+
+
+class SynthesizeConfig(Section):
+    out: Path = Path("data/raw")
+    n_images: int = Field(500, ge=1)
+    seed: int = 0
+    classes: list[str] = ["square", "circle", "triangle", "star"]
+    min_side: int = Field(256, ge=32)
+    max_side: int = Field(416, ge=32)
+    shift: ShiftName | None = None
+    messy: bool = True  # add the realistic Label Studio messiness that ingest must handle
+
+
+class SplitFractions(Section):
+    train: float = Field(0.7, gt=0, lt=1)
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _sum_to_one(self) -> SplitFractions:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"split fractions must sum to 1 (got {total:g})")
+        return self
+
+
+class IngestConfig(Section):
+    export: Path = Path("data/raw/export.json")
+    labeling_config: Path | None = Path("data/raw/labeling_config.xml")
+    images_root: Path | None = None  # default: the export's folder
+    out: Path = Path("data/dataset")
+    split: SplitFractions = SplitFractions()
+    seed: int = 0
+    annotator_policy: Literal["latest", "first"] = "latest"
+
+
+class MinInstances(Section):
+    train: int = Field(10, ge=0)
+    val: int = Field(3, ge=0)
+    test: int = Field(3, ge=0)
+
+
+class ValidateConfig(Section):
+    dataset: Path = Path("data/dataset")
+    report: Path = Path("reports/validate")
+    min_instances_per_class: MinInstances = MinInstances()
+    min_box_side_px: float = Field(2.0, ge=0)
+    size_tolerance_px: int = Field(0, ge=0)
+
+
+class TransformSpec(Section):
+    """One albumentations transform: its class name, probability and keyword arguments."""
+
+    name: str
+    p: float = Field(0.5, ge=0, le=1)
+    args: dict[str, Any] = {}
+
+
+class AugmentConfig(Section):
+    dataset: Path = Path("data/dataset")
+    out: Path = Path("data/augmented")
+    report: Path = Path("reports/augment")
+    copies: int = Field(2, ge=0)
+    seed: int = 0
+    bbox_rule: Literal["clip", "drop"] = "clip"
+    min_visibility: float = Field(0.3, ge=0, le=1)
+    transforms: list[TransformSpec] = [
+        TransformSpec(name="HorizontalFlip", p=0.5),
+        TransformSpec(name="RandomBrightnessContrast", p=0.5),
+    ]
+
+
+# --------------------------------------------------------------------------- model
+class TrainConfig(Section):
+    dataset: Path = Path("data/augmented")
+    out: Path = Path("models")
+    model: str = "yolov8n.yaml"
+    imgsz: int = Field(160, ge=32)
+    epochs: int = Field(30, ge=1)
+    batch: int = Field(16, ge=1)
+    lr0: float = Field(0.01, gt=0)
+    optimizer: str = "AdamW"
+    patience: int = Field(100, ge=0)
+    seed: int = 0
+    device: str = "cpu"
+    workers: int = Field(2, ge=0)
+    experiment: str = "detops"
+    hyp: dict[str, Any] = {}  # any other ultralytics train argument, passed through
+
+
+class TuneConfig(Section):
+    n_trials: int = Field(10, ge=1)
+    timeout_s: int | None = None
+    epochs: int = Field(10, ge=1)
+    study_name: str = "detops-tune"
+    storage: str = "sqlite:///reports/tune/optuna.db"
+    out: Path = Path("reports/tune/best_params.yaml")
+    seed: int = 0
+    space: dict[str, dict[str, Any]] = {
+        "lr0": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    }
+
+
+class EvaluateConfig(Section):
+    model_dir: Path = Path("models")
+    dataset: Path = Path("data/dataset")
+    out: Path = Path("reports/evaluate")
+    conf: float = Field(0.001, ge=0, le=1)
+    iou: float = Field(0.7, gt=0, le=1)
+    max_det: int = Field(300, ge=1)
+    calibration_method: Literal["platt", "isotonic", "none"] = "platt"
+    calibration_min_conf: float = Field(0.1, ge=0, le=1)
+    calibration_iou: float = Field(0.5, gt=0, le=1)
+    dece_bins: int = Field(10, ge=2)
+    latency_batch_sizes: list[int] = [1, 2, 4, 8, 16]
+    latency_repeats: int = Field(20, ge=1)
+
+
+class Gates(Section):
+    min_map50_95: float = Field(0.70, ge=0, le=1)
+    max_dece_calibrated: float = Field(0.05, ge=0, le=1)
+    max_latency_ms: float = Field(200.0, gt=0)
+    max_map_regression: float = Field(0.01, ge=0)
+    bootstrap_samples: int = Field(1000, ge=10)
+    seed: int = 0
+
+
+class RegisterConfig(Section):
+    model_name: str = "detops-detector"
+    model_dir: Path = Path("models")
+    evaluation: Path = Path("reports/evaluate")
+    dataset: Path = Path("data/dataset")
+    gates: Gates = Gates()
+
+
+# --------------------------------------------------------------------------- serving & monitoring
+class ServeConfig(Section):
+    model_name: str = "detops-detector"
+    alias: str = "champion"
+    max_batch_size: int = Field(16, ge=1)
+    max_latency_ms: int = Field(1000, ge=1)
+    max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    max_batch_images: int = Field(32, ge=1)
+    cache_entries: int = Field(1024, ge=0)
+    threads: int | None = None  # ONNX Runtime intra-op threads; default: the machine's cores
+    prediction_log: Path = Path("monitoring_store")
+    keep_images: bool = False
+
+
+class DriftConfig(Section):
+    store: Path = Path("monitoring_store")
+    out: Path = Path("reports/monitoring")
+    window_last_n: int | None = Field(200, ge=1)
+    window_since: str | None = None
+    drift_share: float = Field(0.5, gt=0, le=1)
+    seed: int = 0
+
+
+class PushConfig(Section):
+    project_title: str = "detops feedback"
+    max_per_run: int = Field(50, ge=1)
+    max_per_day: int = Field(200, ge=1)
+    low_conf: float = Field(0.4, ge=0, le=1)
+    out: Path = Path("reports/monitoring/labelstudio_import.json")
+
+
+class Params(Section):
+    """All of params.yaml. Sections not written in the file take their defaults."""
+
+    synthesize: SynthesizeConfig = SynthesizeConfig()
+    ingest: IngestConfig = IngestConfig()
+    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    augment: AugmentConfig = AugmentConfig()
+    train: TrainConfig = TrainConfig()
+    tune: TuneConfig = TuneConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    serve: ServeConfig = ServeConfig()
+    drift: DriftConfig = DriftConfig()
+    push: PushConfig = PushConfig()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+S = TypeVar("S", bound=Section)
+
+
+def params_path(path: Path | str | None = None) -> Path:
+    """The params file: the argument, else $DETOPS_PARAMS, else ./params.yaml."""
+    return Path(path or os.environ.get(PARAMS_ENV) or "params.yaml")
+
+
+def load_params(path: Path | str | None = None) -> Params:
+    """Read and validate params.yaml; a missing file gives the defaults."""
+    file = params_path(path)
+    raw: Any = {}
+    if file.exists():
+        try:
+            raw = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise DetopsError(f"{file}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+        if not isinstance(raw, dict):
+            raise DetopsError(f"{file}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise DetopsError(format_validation_error(file, exc)) from None
+
+
+def load_section(name: str, path: Path | str | None = None, **overrides: Any) -> Any:
+    """One section of params.yaml with the non-None `overrides` applied and validated."""
+    params = load_params(path)
+    # `validate` and `register` clash with BaseModel/ABC attributes: their fields end in "_".
+    section = getattr(params, name + "_" if name in ("validate", "register") else name)
+    return override(section, file=params_path(path), prefix=name, **overrides)
+
+
+def override(section: S, *, file: Path | str = "params.yaml", prefix: str = "", **overrides: Any) -> S:
+    """A copy of `section` with the non-None overrides applied, validated like the file."""
+    updates = {k: v for k, v in overrides.items() if v is not None}
+    if not updates:
+        return section
+    try:
+        return type(section).model_validate({**section.model_dump(), **updates})
+    except ValidationError as exc:
+        raise DetopsError(format_validation_error(Path(file), exc, prefix)) from None
+
+
+def format_validation_error(file: Path, exc: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each naming the dotted key: `params.yaml: train.epochs: ...`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in ((prefix,) if prefix else ()) + tuple(err["loc"]))
+        loc = loc.replace("validate_", "validate").replace("register_", "register")
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+        lines.append(f"{file}: {loc}: {msg}{got}")
+    return "; ".join(lines)

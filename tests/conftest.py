@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny synthetic project, its YOLO dataset and a tiny trained model, each built
+once per session with the project's own stage functions; an MLflow store private to the session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Before anything imports MLflow or ultralytics: the tests never touch the project's own store.
+os.environ["DETOPS_CACHE_DIR"] = str(Path(__file__).resolve().parents[1] / ".cache")
+
+from pipelines import environment  # noqa: E402
+
+environment.configure()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A SQLite MLflow store for the whole session, exported as MLFLOW_TRACKING_URI."""
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    uri = f"sqlite:///{db}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
+@pytest.fixture(scope="session")
+def raw_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic Label Studio project (export.json, images/, labeling_config.xml), 48 images."""
+    from labeling.synthetic import synthesize
+    from pipelines.config import SynthesizeConfig
+
+    out = tmp_path_factory.mktemp("raw")
+    synthesize(SynthesizeConfig(out=out, n_images=48, seed=1, min_side=96, max_side=160))
+    return out
+
+
+@pytest.fixture(scope="session")
+def yolo_dataset(raw_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The raw project ingested into a split YOLO dataset."""
+    from labeling.ingest import ingest
+    from pipelines.config import IngestConfig
+
+    out = tmp_path_factory.mktemp("dataset") / "dataset"
+    ingest(IngestConfig(export=raw_project / "export.json",
+                        labeling_config=raw_project / "labeling_config.xml", out=out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_model_dir(yolo_dataset: Path, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny model trained for real (imgsz 64, 2 epochs): best.pt, model.onnx, model_card.json."""
+    from pipelines.config import TrainConfig
+    from training.train import train
+
+    out = tmp_path_factory.mktemp("models")
+    train(TrainConfig(dataset=yolo_dataset, out=out, imgsz=64, epochs=2, batch=8, workers=0,
+                      experiment="tests"))
+    return out
