@@ -118,16 +118,42 @@ class TrainConfig(Section):
     hyp: dict[str, Any] = {}  # any other ultralytics train argument, passed through
 
 
+class SearchDim(Section):
+    """One dimension of the tuning search space: a float or int range, or a list of choices."""
+
+    type: Literal["float", "int", "categorical"]
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchDim:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical dimension needs a non-empty 'choices' list")
+        elif self.low is None or self.high is None or self.low > self.high:
+            raise ValueError(f"a {self.type} dimension needs 'low' <= 'high'")
+        return self
+
+
 class TuneConfig(Section):
+    """`detops tune`: an Optuna study whose trials train with the `train:` section, overridden by the
+    sampled values (keys of `train:` set those fields, any other key goes to `train.hyp`)."""
+
     n_trials: int = Field(10, ge=1)
     timeout_s: int | None = None
     epochs: int = Field(10, ge=1)
     study_name: str = "detops-tune"
     storage: str = "sqlite:///reports/tune/optuna.db"
     out: Path = Path("reports/tune/best_params.yaml")
+    experiment: str = "detops-tune"
     seed: int = 0
-    space: dict[str, dict[str, Any]] = {
-        "lr0": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    pruner_startup_trials: int = Field(2, ge=0)
+    pruner_warmup_epochs: int = Field(1, ge=0)
+    space: dict[str, SearchDim] = {
+        "lr0": SearchDim(type="float", low=1e-4, high=1e-2, log=True),
     }
 
 
