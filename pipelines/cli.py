@@ -108,10 +108,16 @@ def validate(
     report: Annotated[Optional[Path], typer.Option(help="report folder")] = None,
 ) -> None:
     """Check the dataset with Great Expectations; exit 1 when an expectation fails."""
+    from rich.console import Console
+
     from training.validate import validate as run
 
     cfg = load_section("validate", dataset=dataset, report=report)
-    run(cfg)
+    summary = run(cfg)
+    splits = ", ".join(f"{s} {n}" for s, n in summary.images_per_split.items())
+    Console().print(f"[green]validation passed[/green]: {len(summary.outcomes)} expectations, "
+                    f"{summary.n_images} images ({splits}), {summary.n_boxes} boxes; "
+                    f"report {summary.report_dir / 'validation.html'}")
 
 
 @app.command()
