@@ -26,8 +26,9 @@ lock:
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock
 	rm -rf .venv-lock
 
+# dvc.yaml calls `detops ...`: put the venv's console scripts first on PATH.
 pipeline: setup
-	$(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
 test: setup
 	$(PY) -m pytest
