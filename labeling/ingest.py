@@ -1,0 +1,417 @@
+"""Label Studio export(s) -> a split YOLO dataset and `ingest_report.json` (policies: docs/labeling.md).
+
+Fatal problems (DetopsError naming the export and task): malformed JSON or schema, a task without its
+image key, a missing or undecodable image, an image whose size differs from the annotation's
+original_width/height, a label not in the labeling config, a non-positive box size, and a box
+further outside the image than `clip_tolerance` (boxes within it are clipped). Skipped and counted:
+tasks with no annotation, tasks whose annotations are all cancelled, tasks whose chosen annotation
+has no labeled rectangle, duplicate images, and non-rectangle regions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from labeling.studio import Annotation, LabelingConfig, Region, Task, image_name, load_export
+from labeling.studio import load_labeling_config, resolve_image
+from pipelines.config import IngestConfig, SplitFractions
+from pipelines.environment import cache_dir
+from pipelines.errors import DetopsError
+from pipelines.types import SPLITS, Box, YoloDataset, YoloLabel, write_yolo_labels
+
+REPORT_NAME = "ingest_report.json"
+EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+# --------------------------------------------------------------------------- report
+class RegionSkips(BaseModel):
+    count: int = 0
+    tasks: list[int] = []
+
+
+class SplitSummary(BaseModel):
+    seed: int
+    fractions: dict[str, float]
+    rebalanced: list[dict[str, str]] = []  # {"image", "from", "to", "class"} for each move
+
+
+class IngestReport(BaseModel):
+    """Everything ingest decided, written as `<out>/ingest_report.json`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exports: list[str]
+    labeling_config: str | None
+    class_order: str  # "labeling_config" or "first_seen"
+    class_names: list[str]
+    notes: list[str] = []
+    policy: dict[str, str]
+    tasks: int = 0
+    tasks_used: int = 0
+    multi_annotator_tasks: int = 0
+    ground_truth_used: int = 0
+    cancelled_annotations_ignored: int = 0
+    images_written: int = 0
+    images_per_split: dict[str, int] = {}
+    boxes_per_class_per_split: dict[str, dict[str, int]] = {}
+    rotated_boxes: int = 0
+    clipped_boxes: int = 0
+    skipped_tasks: dict[str, list[int]] = {}
+    skipped_regions: dict[str, RegionSkips] = {}
+    split: SplitSummary
+
+
+POLICY_TEXT = {
+    "latest": "the most recently updated non-cancelled annotation of each task",
+    "first": "the earliest created non-cancelled annotation of each task",
+}
+
+
+# --------------------------------------------------------------------------- geometry
+class _RectValue(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    x: float
+    y: float
+    width: float
+    height: float
+    rotation: float = 0.0
+    rectanglelabels: list[str] = []
+
+
+def rectangle_corners(x: float, y: float, width: float, height: float, rotation: float,
+                      img_w: int, img_h: int) -> list[tuple[float, float]]:
+    """Pixel corners of a Label Studio rectangle: percent -> pixels first, then rotate clockwise by
+    `rotation` degrees about the top-left corner (Label Studio's pivot). Pixels before rotating matters
+    on non-square images: rotating in percent units shears the shape."""
+    x0, y0 = x / 100 * img_w, y / 100 * img_h
+    w, h = width / 100 * img_w, height / 100 * img_h
+    # Image y points down, so the standard rotation matrix turns clockwise on screen.
+    c, s = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+    return [(x0 + dx * c - dy * s, y0 + dx * s + dy * c) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+
+
+def enclosing_box(corners: list[tuple[float, float]]) -> Box:
+    """The axis-aligned box enclosing `corners`."""
+    xs, ys = [p[0] for p in corners], [p[1] for p in corners]
+    return Box(min(xs), min(ys), max(xs), max(ys))
+
+
+def clip_box(box: Box, img_w: int, img_h: int, tolerance: float) -> Box | None:
+    """`box` clipped to the image, or None when it sticks out by more than `tolerance` of a side."""
+    tx, ty = tolerance * img_w + 1e-9, tolerance * img_h + 1e-9
+    if box.x1 < -tx or box.y1 < -ty or box.x2 > img_w + tx or box.y2 > img_h + ty:
+        return None
+    return Box(max(box.x1, 0.0), max(box.y1, 0.0), min(box.x2, float(img_w)), min(box.y2, float(img_h)))
+
+
+# --------------------------------------------------------------------------- annotation policy
+def _utc(moment: datetime | None) -> datetime:
+    if moment is None:
+        return datetime.min.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def select_annotation(annotations: list[Annotation], policy: str) -> Annotation | None:
+    """The annotation that labels a task: cancelled ones are ignored; ground-truth ones, if any, win;
+    then `latest` takes the most recently updated, `first` the earliest created (ties: annotation id)."""
+    live = [a for a in annotations if not a.was_cancelled]
+    pool = [a for a in live if a.ground_truth] or live
+    if not pool:
+        return None
+    if policy == "latest":
+        return max(pool, key=lambda a: (_utc(a.touched_at), a.id or 0))
+    return min(pool, key=lambda a: (_utc(a.created_at or a.updated_at), a.id or 0))
+
+
+# --------------------------------------------------------------------------- splitting
+def split_key(content_hash: str, seed: int) -> float:
+    """A uniform number in [0, 1) fixed by the image content and the seed alone."""
+    return int(hashlib.sha256(f"{seed}:{content_hash}".encode()).hexdigest()[:15], 16) / 16**15
+
+
+def assign_splits(classes_of: dict[str, set[int]], fractions: SplitFractions, seed: int,
+                  n_classes: int) -> tuple[dict[str, str], list[tuple[str, str, str, int]]]:
+    """Split images (content hash -> class ids present) into train/val/test.
+
+    Each image's split comes from its own hash, so adding images never moves old ones. Then, where
+    possible, an image is moved so that every class is present in every split: only from a split that
+    keeps at least one image of each class the moved image holds. Returns the assignment and the
+    moves (image, from, to, class id)."""
+    bounds = (fractions.train, fractions.train + fractions.val)
+    keys = {h: split_key(h, seed) for h in classes_of}
+    split = {h: SPLITS[0] if k < bounds[0] else SPLITS[1] if k < bounds[1] else SPLITS[2]
+             for h, k in keys.items()}
+    count = defaultdict(int)  # (class, split) -> images holding the class
+    for h, classes in classes_of.items():
+        for c in classes:
+            count[c, split[h]] += 1
+    moves: list[tuple[str, str, str, int]] = []
+    changed = True
+    while changed:  # each move fills an empty (class, split) cell and empties none: this terminates
+        changed = False
+        for c in range(n_classes):
+            for target in SPLITS:
+                if count[c, target]:
+                    continue
+                donors = sorted((d for d in SPLITS if d != target and count[c, d] >= 2),
+                                key=lambda d: (-count[c, d], SPLITS.index(d)))
+                for donor in donors:
+                    movable = sorted((h for h in classes_of if split[h] == donor and c in classes_of[h]
+                                      and all(count[k, donor] >= 2 for k in classes_of[h])), key=keys.get)
+                    if movable:
+                        h = movable[0]
+                        for k in classes_of[h]:
+                            count[k, donor] -= 1
+                            count[k, target] += 1
+                        split[h] = target
+                        moves.append((h, donor, target, c))
+                        changed = True
+                        break
+    return split, moves
+
+
+# --------------------------------------------------------------------------- images
+def oriented_size(path: Path) -> tuple[int, int]:
+    """Decode the whole image (catching truncated files) and return its size as displayed, i.e.
+    after the EXIF orientation, which is the size Label Studio records."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION) in _TRANSPOSED:
+                width, height = height, width
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise DetopsError(f"image {path} cannot be decoded ({exc})") from None
+    return width, height
+
+
+def _stable_name(content_hash: str, ref: str, source: Path) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(image_name(ref) or source.name).stem)[:80] or "image"
+    return f"{content_hash[:12]}_{stem}{source.suffix.lower() or '.jpg'}"
+
+
+@dataclass
+class _Image:
+    content_hash: str
+    source: Path
+    name: str
+    labels: list[YoloLabel]
+    task_id: int
+    annotation: Annotation
+
+
+# --------------------------------------------------------------------------- ingest
+class _Ingest:
+    """One ingest run: reads tasks, keeps the chosen images and counts everything it skips."""
+
+    def __init__(self, cfg: IngestConfig, config: LabelingConfig | None, config_path: Path | None):
+        self.cfg = cfg
+        self.config = config
+        self.class_names = list(config.class_names) if config else []
+        self.image_key = config.image_key if config else "image"
+        self.report = IngestReport(
+            exports=[str(p) for p in cfg.exports],
+            labeling_config=str(config_path) if config_path else None,
+            class_order="labeling_config" if config else "first_seen",
+            class_names=[],
+            policy={
+                "annotator": f"{cfg.annotator_policy}: {POLICY_TEXT[cfg.annotator_policy]}",
+                "ground_truth": "annotations marked ground_truth take precedence over the others",
+                "cancelled": "cancelled annotations are ignored; tasks with only cancelled ones are skipped",
+                "empty": "tasks without annotations or whose annotation has no labeled rectangle are skipped",
+                "non_rectangle": "regions other than labeled rectangles are skipped and counted",
+                "duplicates": "images with the same content are kept once, labeled by the task the "
+                              "annotator policy prefers",
+                "clip": f"boxes outside the image by at most {cfg.clip_tolerance:.0%} of a side are "
+                        "clipped, further is an error",
+            },
+            split=SplitSummary(seed=cfg.seed, fractions=cfg.split.model_dump()),
+        )
+        if not config:
+            self.report.notes.append("no labeling config: class ids follow the order labels first "
+                                     "appear in the export(s)")
+        self.skipped: dict[str, list[int]] = defaultdict(list)
+        self.region_skips: dict[str, RegionSkips] = defaultdict(RegionSkips)
+        self.images: dict[str, _Image] = {}
+
+    def _skip_region(self, reason: str, task_id: int) -> None:
+        entry = self.region_skips[reason]
+        entry.count += 1
+        if task_id not in entry.tasks:
+            entry.tasks.append(task_id)
+
+    def task(self, task: Task, where: str, root: Path) -> None:
+        """Turn one task into a kept image with its labels, or count why it is skipped."""
+        self.report.tasks += 1
+        ref = task.data.get(self.image_key)
+        if not isinstance(ref, str) or not ref:
+            raise DetopsError(f"{where}: data has no {self.image_key!r} image reference")
+        if not task.annotations:
+            self.skipped["no_annotations"].append(task.id)
+            return
+        cancelled = sum(a.was_cancelled for a in task.annotations)
+        self.report.cancelled_annotations_ignored += cancelled
+        if len(task.annotations) - cancelled > 1:
+            self.report.multi_annotator_tasks += 1
+        annotation = select_annotation(task.annotations, self.cfg.annotator_policy)
+        if annotation is None:
+            self.skipped["all_annotations_cancelled"].append(task.id)
+            return
+        rects = [r for r in annotation.result if self._is_box(r, task.id)]
+        if not rects:
+            self.skipped["empty"].append(task.id)
+            return
+
+        try:
+            source = resolve_image(ref, root, cache_dir() / "ingest-http", self.cfg.http_timeout_s)
+            width, height = oriented_size(source)
+        except DetopsError as exc:
+            raise DetopsError(f"{where}: {exc}") from None
+        labels = [label for region in rects for label in self._labels(region, width, height, where)]
+        content_hash = hashlib.sha256(source.read_bytes()).hexdigest()
+        image = _Image(content_hash, source, _stable_name(content_hash, ref, source), labels, task.id, annotation)
+        kept = self.images.get(content_hash)
+        if kept is not None:
+            winner = select_annotation([kept.annotation, annotation], self.cfg.annotator_policy)
+            loser = image if winner is kept.annotation else kept
+            self.skipped["duplicate_image"].append(loser.task_id)
+            if loser is kept:
+                self.images[content_hash] = image
+            return
+        self.images[content_hash] = image
+
+    def _is_box(self, region: Region, task_id: int) -> bool:
+        if region.type == "rectanglelabels" and region.value.get("rectanglelabels"):
+            return True
+        reason = "unlabeled_rectangle" if region.type in ("rectangle", "rectanglelabels") else "non_rectangle"
+        self._skip_region(reason, task_id)
+        return False
+
+    def _labels(self, region: Region, width: int, height: int, where: str) -> list[YoloLabel]:
+        try:
+            value = _RectValue.model_validate(region.value)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise DetopsError(f"{where}: region {region.model_extra.get('id', '?')}: value."
+                              f"{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        rid = f"{where}: region {region.model_extra.get('id', '?')}"
+        for axis, original, actual in (("width", region.original_width, width),
+                                       ("height", region.original_height, height)):
+            if original is not None and original != actual:
+                raise DetopsError(f"{rid}: original_{axis}={original} but the image is {actual} px "
+                                  f"({width}x{height} after EXIF orientation)")
+        if value.width <= 0 or value.height <= 0:
+            raise DetopsError(f"{rid}: non-positive size (width={value.width:g}%, height={value.height:g}%)")
+        corners = rectangle_corners(value.x, value.y, value.width, value.height, value.rotation, width, height)
+        raw = enclosing_box(corners)
+        box = clip_box(raw, width, height, self.cfg.clip_tolerance)
+        if box is None:
+            raise DetopsError(f"{rid}: box out of the image (x={value.x:g}%, y={value.y:g}%, "
+                              f"width={value.width:g}%, height={value.height:g}%, rotation={value.rotation:g})")
+        if box != raw:
+            self.report.clipped_boxes += 1
+        if value.rotation % 360:
+            self.report.rotated_boxes += 1
+        labels = []
+        for name in value.rectanglelabels:
+            if name not in self.class_names:
+                if self.config is not None:
+                    raise DetopsError(f"{rid}: label {name!r} is not in the labeling config "
+                                      f"({', '.join(self.class_names)})")
+                self.class_names.append(name)
+            labels.append(YoloLabel(self.class_names.index(name), *box.to_yolo(width, height)))
+        return labels
+
+    def write(self, root: Path) -> None:
+        """Split the kept images and write the dataset and the report under `root`."""
+        n_classes = len(self.class_names)
+        classes_of = {h: {lb.class_id for lb in img.labels} for h, img in self.images.items()}
+        split, moves = assign_splits(classes_of, self.cfg.split, self.cfg.seed, n_classes)
+        dataset = YoloDataset(root=root, class_names=self.class_names)
+        dataset.write_yaml()
+        boxes = {s: {name: 0 for name in self.class_names} for s in SPLITS}
+        for s in SPLITS:
+            dataset.image_dir(s).mkdir(parents=True, exist_ok=True)
+            dataset.label_dir(s).mkdir(parents=True, exist_ok=True)
+        for h in sorted(self.images, key=lambda h: self.images[h].name):
+            image = self.images[h]
+            target = dataset.image_dir(split[h]) / image.name
+            shutil.copyfile(image.source, target)
+            write_yolo_labels(dataset.label_path(target), image.labels)
+            for label in image.labels:
+                boxes[split[h]][self.class_names[label.class_id]] += 1
+        report = self.report
+        report.class_names = self.class_names
+        report.tasks_used = len(self.images)
+        report.ground_truth_used = sum(img.annotation.ground_truth for img in self.images.values())
+        report.images_written = len(self.images)
+        report.images_per_split = {s: sum(v == s for v in split.values()) for s in SPLITS}
+        report.boxes_per_class_per_split = boxes
+        report.skipped_tasks = {k: sorted(v) for k, v in sorted(self.skipped.items())}
+        report.skipped_regions = dict(sorted(self.region_skips.items()))
+        report.split.rebalanced = [{"image": self.images[h].name, "from": a, "to": b,
+                                    "class": self.class_names[c]} for h, a, b, c in moves]
+        (root / REPORT_NAME).write_text(report.model_dump_json(indent=2))
+
+
+def _labeling_config(cfg: IngestConfig) -> tuple[LabelingConfig | None, Path | None]:
+    path = cfg.labeling_config
+    if path is None:
+        beside = cfg.exports[0].parent / "labeling_config.xml"
+        path = beside if beside.is_file() else None
+    return (load_labeling_config(path), path) if path is not None else (None, None)
+
+
+def ingest(cfg: IngestConfig) -> IngestReport:
+    """Convert the Label Studio export(s) of `cfg` into a YOLO dataset in `cfg.out` (replaced
+    atomically: on any error an existing `cfg.out` is left as it was) and return the report."""
+    from rich.progress import track
+
+    config, config_path = _labeling_config(cfg)
+    run = _Ingest(cfg, config, config_path)
+    loaded = [(path, load_export(path)) for path in cfg.exports]
+    work = [(task, f"{path}: task {task.id}", cfg.images_root or path.parent)
+            for path, tasks in loaded for task in tasks]
+    for task, where, root in track(work, description="ingest tasks", transient=True):
+        run.task(task, where, root)
+    if not run.images:
+        raise DetopsError(f"{', '.join(map(str, cfg.exports))}: no usable labeled image "
+                          f"(skipped: {json.dumps({k: len(v) for k, v in run.skipped.items()})})")
+
+    out = Path(cfg.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        run.write(tmp)
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return run.report
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Move `new` to `out`, replacing any previous `out` with two renames."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+    new.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
