@@ -77,7 +77,7 @@ def synthesize(
 @app.command()
 @user_errors
 def ingest(
-    export: Annotated[Optional[Path], typer.Option(help="Label Studio JSON export")] = None,
+    export: Annotated[Optional[list[Path]], typer.Option(help="Label Studio JSON export (repeatable: merged)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="output YOLO dataset folder")] = None,
     images_root: Annotated[Optional[Path], typer.Option("--images-root", help="where the images live locally")] = None,
     labeling_config: Annotated[Optional[Path], typer.Option("--labeling-config", help="labeling config XML")] = None,
@@ -85,8 +85,10 @@ def ingest(
     """Convert a Label Studio export into a split YOLO dataset and an ingest report."""
     from labeling.ingest import ingest as run
 
-    cfg = load_section("ingest", export=export, out=out, images_root=images_root, labeling_config=labeling_config)
-    run(cfg)
+    exports = export[0] if export and len(export) == 1 else export or None
+    cfg = load_section("ingest", export=exports, out=out, images_root=images_root, labeling_config=labeling_config)
+    report = run(cfg)
+    typer.echo(f"ingest: {report.images_written} images {report.images_per_split} -> {cfg.out}")
 
 
 @app.command()

@@ -55,13 +55,20 @@ class SplitFractions(Section):
 
 
 class IngestConfig(Section):
-    export: Path = Path("data/raw/export.json")
-    labeling_config: Path | None = Path("data/raw/labeling_config.xml")
-    images_root: Path | None = None  # default: the export's folder
+    export: Path | list[Path] = Path("data/raw/export.json")  # several: tasks merged, images deduplicated
+    labeling_config: Path | None = Path("data/raw/labeling_config.xml")  # None: <export dir>/labeling_config.xml
+    images_root: Path | None = None  # default: each export's own folder
     out: Path = Path("data/dataset")
     split: SplitFractions = SplitFractions()
     seed: int = 0
     annotator_policy: Literal["latest", "first"] = "latest"
+    clip_tolerance: float = Field(0.01, ge=0, le=0.1)  # boxes out of the image by at most this share are clipped
+    http_timeout_s: float = Field(10.0, gt=0)
+
+    @property
+    def exports(self) -> list[Path]:
+        """`export` as a list."""
+        return list(self.export) if isinstance(self.export, list) else [self.export]
 
 
 class MinInstances(Section):
