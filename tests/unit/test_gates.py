@@ -1,0 +1,95 @@
+"""Gate logic on hand-written metrics (the real evaluate -> register round trip is in
+tests/integration/test_registry.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from evaluation.gates import ChampionComparison, GateReport, check_gates, gates_table, load_metrics
+from pipelines.config import Gates
+from pipelines.errors import DetopsError
+
+GATES = Gates(min_map50_95=0.5, max_dece_calibrated=0.1, max_latency_ms=50.0, max_map_regression=0.01)
+GOOD = {"map50_95": 0.6, "dece_calibrated": 0.05, "latency_ms": 20.0}
+
+
+def _comparison(delta: float) -> ChampionComparison:
+    return ChampionComparison(champion_version="3", champion_map50_95=0.6 - delta, challenger_map50_95=0.6,
+                              delta=delta, ci_low=delta - 0.02, ci_high=delta + 0.02, bootstrap_samples=200)
+
+
+def _by_name(checks: list) -> dict:
+    return {c.name: c for c in checks}
+
+
+def test_all_pass_without_champion_notes_it() -> None:
+    checks = _by_name(check_gates(GOOD, GATES, None))
+    assert all(c.passed for c in checks.values())
+    assert checks["no_regression"].value is None
+    assert "no champion" in checks["no_regression"].note
+
+
+@pytest.mark.parametrize(("name", "value"), [("map50_95", 0.49), ("dece_calibrated", 0.11), ("latency_ms", 51.0)])
+def test_each_threshold_fails_alone(name: str, value: float) -> None:
+    checks = _by_name(check_gates({**GOOD, name: value}, GATES, None))
+    assert not checks[name].passed
+    assert [c.name for c in checks.values() if not c.passed] == [name]
+
+
+def test_thresholds_are_inclusive() -> None:
+    edge = {"map50_95": 0.5, "dece_calibrated": 0.1, "latency_ms": 50.0}
+    assert all(c.passed for c in check_gates(edge, GATES, None))
+
+
+@pytest.mark.parametrize(("delta", "passed"), [(0.05, True), (-0.005, True), (-0.01, True), (-0.02, False)])
+def test_regression_against_champion(delta: float, passed: bool) -> None:
+    check = _by_name(check_gates(GOOD, GATES, _comparison(delta)))["no_regression"]
+    assert check.passed is passed
+    assert check.value == delta and check.threshold == -0.01
+    assert "v3" in check.note and "CI" in check.note
+
+
+def test_report_json_and_table(tmp_path: Path) -> None:
+    comparison = _comparison(-0.03)
+    report = GateReport("det", check_gates(GOOD, GATES, comparison), version="4", champion_before="3",
+                        champion_after="3", comparison=comparison)
+    assert not report.passed and not report.promoted
+    report.write(tmp_path / "gates.json")
+    data = json.loads((tmp_path / "gates.json").read_text())
+    assert data["passed"] is False and data["promoted"] is False
+    assert data["checks"]["no_regression"]["passed"] is False
+    assert data["comparison"]["ci_low"] == pytest.approx(-0.05)
+
+    console = Console(record=True, width=250)
+    console.print(gates_table(report))
+    text = console.export_text()
+    assert "no_regression" in text and "fail" in text and "[-0.0500, -0.0100]" in text
+    assert "champion not moved" in text
+
+
+def test_promoted_only_when_champion_moves_to_the_version() -> None:
+    checks = check_gates(GOOD, GATES, None)
+    assert GateReport("det", checks, version="1", champion_before=None, champion_after="1").promoted
+    assert not GateReport("det", checks, version="2", champion_before="1", champion_after="1").promoted
+
+
+def test_load_metrics_maps_keys(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"map50_95": 0.4, "dece_calibrated": 0.02, "latency_ms_batch1": 7.5, "map50": 0.7}))
+    assert load_metrics(path) == {"map50_95": 0.4, "dece_calibrated": 0.02, "latency_ms": 7.5}
+
+
+def test_load_metrics_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(DetopsError, match="metrics not found"):
+        load_metrics(tmp_path / "missing.json")
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"map50_95": 0.4, "dece_calibrated": 0.02}))
+    with pytest.raises(DetopsError, match="'latency_ms_batch1' is missing"):
+        load_metrics(path)
+    path.write_text("{not json")
+    with pytest.raises(DetopsError, match="not valid JSON"):
+        load_metrics(path)
