@@ -196,3 +196,18 @@ def test_cli_exit_codes(clean: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
     bad = CliRunner().invoke(app, args)
     assert bad.exit_code == 1
     assert "error:" in bad.output and "x2 <= image width" in bad.output
+
+
+def test_size_check_says_when_it_has_nothing_to_compare(clean: Path) -> None:
+    (clean / "ingest_report.json").unlink()
+    summary = validate(cfg(clean))
+    size = [o for o in summary.outcomes if o.name.startswith("image size matches")]
+    assert size[0].observed == "not checked: ingest_report.json records no annotated image sizes"
+
+
+def test_dataset_written_by_ingest_passes(yolo_dataset: Path, tmp_path: Path) -> None:
+    """The session's synthetic project, ingested for real: 48 images are too few for the default
+    thresholds, so one instance per class and split is required here."""
+    summary = validate(ValidateConfig(dataset=yolo_dataset, report=tmp_path / "r",
+                                      min_instances_per_class=MinInstances(train=1, val=1, test=1)))
+    assert summary.success and summary.n_images > 0 and summary.n_boxes >= summary.n_images
