@@ -40,6 +40,14 @@ class SynthesizeConfig(Section):
     shift: ShiftName | None = None
     messy: bool = True  # add the realistic Label Studio messiness that ingest must handle
 
+    @model_validator(mode="after")
+    def _consistent(self) -> SynthesizeConfig:
+        if self.min_side > self.max_side:
+            raise ValueError(f"min_side ({self.min_side}) must not exceed max_side ({self.max_side})")
+        if not self.classes or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"classes must be a non-empty list without repeats (got {self.classes})")
+        return self
+
 
 class SplitFractions(Section):
     train: float = Field(0.7, gt=0, lt=1)
@@ -121,8 +129,18 @@ class TrainConfig(Section):
     seed: int = 0
     device: str = "cpu"
     workers: int = Field(2, ge=0)
+    deterministic: bool = True
     experiment: str = "detops"
+    runs: Path = Path("runs/train")  # ultralytics' run folders (git-ignored), one per MLflow run id
+    report: Path = Path("reports/train")  # DVC metrics.json and per-epoch results.csv/png
     hyp: dict[str, Any] = {}  # any other ultralytics train argument, passed through
+
+    @model_validator(mode="after")
+    def _imgsz_multiple_of_stride(self) -> TrainConfig:
+        # ultralytics would silently round it up, and the model card must state the real input size.
+        if self.imgsz % 32:
+            raise ValueError(f"imgsz must be a multiple of 32 (got {self.imgsz})")
+        return self
 
 
 class SearchDim(Section):
