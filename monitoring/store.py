@@ -1,0 +1,215 @@
+"""The prediction log: one record per served image, read back as a pandas DataFrame for drift and
+feedback.
+
+`PredictionStore` is the extension point (four methods plus `save_image`); `SQLiteStore` is the
+embedded default: one SQLite file in WAL mode, safe from several threads and processes (BentoML
+workers), with kept images as `<location>/images/<sha256>.png`. A PostgreSQL store would implement
+the same protocol; `open_store` says so for `postgresql://` URLs.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+from pipelines.errors import DetopsError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DB_FILE = "predictions.db"
+IMAGE_DIR = "images"
+EMBEDDING_PREFIX = "emb_"
+BASE_COLUMNS = ["ts", "request_id", "image_sha256", "width", "height", "model_name", "model_version",
+                "detections", "image_path"]
+
+
+@dataclass
+class PredictionRecord:
+    """What the log keeps about one prediction. `detections` is compact JSON:
+    `[[x1, y1, x2, y2, class_id, confidence], ...]` in pixels of the original image."""
+
+    ts: datetime
+    request_id: str
+    image_sha256: str
+    width: int
+    height: int
+    statistics: dict[str, float]
+    summary: dict[str, float]
+    embedding: np.ndarray
+    model_name: str
+    model_version: str
+    detections: str = "[]"
+    image_path: str | None = None
+    extra: dict[str, float] = field(default_factory=dict)  # room for features added later
+
+
+@runtime_checkable
+class PredictionStore(Protocol):
+    """Where prediction records live. Implementations must be safe to call from several threads."""
+
+    def append(self, records: list[PredictionRecord]) -> None:
+        """Add records (one transaction)."""
+
+    def read(self, since: datetime | None = None, last_n: int | None = None) -> pd.DataFrame:
+        """Records with ts >= since, the last `last_n` of them, oldest first, flattened: base columns,
+        one column per statistic and summary key, `emb_<i>` per embedding dimension."""
+
+    def purge_older_than(self, age: timedelta) -> int:
+        """Delete records (and their kept images) older than `age`; return the number of records."""
+
+    def delete_image(self, sha256: str) -> int:
+        """Delete every record of one image hash and its kept image file; return the record count."""
+
+    def save_image(self, sha256: str, rgb: np.ndarray) -> str:
+        """Keep the raw image (lossless) under the store; return its path."""
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts.astimezone(timezone.utc)
+
+
+class SQLiteStore:
+    """The default store: `<root>/predictions.db` (WAL) and `<root>/images/`."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.db_path = self.root / DB_FILE
+            self.image_dir = self.root / IMAGE_DIR
+            self._local = threading.local()
+            with self._connect() as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("""CREATE TABLE IF NOT EXISTS predictions (
+                    id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, request_id TEXT,
+                    image_sha256 TEXT NOT NULL, width INTEGER, height INTEGER, model_name TEXT,
+                    model_version TEXT, features TEXT NOT NULL, embedding BLOB NOT NULL,
+                    detections TEXT NOT NULL, image_path TEXT)""")
+                con.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
+                con.execute("CREATE INDEX IF NOT EXISTS predictions_sha ON predictions (image_sha256)")
+        except (OSError, sqlite3.Error) as exc:
+            raise DetopsError(f"prediction store {self.root}: cannot open ({exc})") from None
+
+    def _connect(self) -> sqlite3.Connection:
+        # One connection per thread (sqlite3 connections must not be shared across threads); the busy
+        # timeout lets writers from other processes take turns instead of failing on a locked file.
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
+            con.execute("PRAGMA busy_timeout=30000")
+            con.execute("PRAGMA synchronous=NORMAL")
+            self._local.con = con
+        return con
+
+    def append(self, records: list[PredictionRecord]) -> None:
+        """Add records in one transaction."""
+        if not records:
+            return
+        rows = [(_utc(r.ts).timestamp(), r.request_id, r.image_sha256, int(r.width), int(r.height),
+                 r.model_name, r.model_version, json.dumps({**r.statistics, **r.summary, **r.extra}),
+                 np.asarray(r.embedding, dtype=np.float32).tobytes(), r.detections, r.image_path)
+                for r in records]
+        con = self._connect()
+        with con:
+            con.execute("BEGIN IMMEDIATE")
+            con.executemany("""INSERT INTO predictions (ts, request_id, image_sha256, width, height,
+                model_name, model_version, features, embedding, detections, image_path)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", rows)
+
+    def read(self, since: datetime | None = None, last_n: int | None = None) -> pd.DataFrame:
+        """See `PredictionStore.read`."""
+        import pandas as pd
+
+        if last_n is not None and last_n < 1:
+            raise DetopsError(f"last_n must be >= 1 (got {last_n})")
+        query, args = "SELECT ts, request_id, image_sha256, width, height, model_name, model_version, " \
+                      "detections, image_path, features, embedding FROM predictions", []
+        if since is not None:
+            query += " WHERE ts >= ?"
+            args.append(_utc(since).timestamp())
+        query += " ORDER BY ts DESC, id DESC"
+        if last_n is not None:
+            query += " LIMIT ?"
+            args.append(last_n)
+        rows = self._connect().execute(query, args).fetchall()[::-1]
+        base = pd.DataFrame([r[:9] for r in rows], columns=BASE_COLUMNS)
+        base["ts"] = pd.to_datetime(base["ts"], unit="s", utc=True)
+        features = pd.DataFrame([json.loads(r[9]) for r in rows], index=base.index)
+        # width and height are both statistics and base columns: keep one copy.
+        features = features.drop(columns=[c for c in BASE_COLUMNS if c in features.columns])
+        emb = np.stack([np.frombuffer(r[10], dtype=np.float32) for r in rows]) if rows else np.empty((0, 0))
+        embedding = pd.DataFrame(emb, columns=[f"{EMBEDDING_PREFIX}{i}" for i in range(emb.shape[1])],
+                                 index=base.index)
+        return pd.concat([base, features, embedding], axis=1)
+
+    def purge_older_than(self, age: timedelta) -> int:
+        """See `PredictionStore.purge_older_than`."""
+        cutoff = (datetime.now(timezone.utc) - age).timestamp()
+        return self._delete("ts < ?", (cutoff,))
+
+    def delete_image(self, sha256: str) -> int:
+        """See `PredictionStore.delete_image`. The image file goes even when no record names it."""
+        n = self._delete("image_sha256 = ?", (sha256,))
+        (self.image_dir / f"{sha256}.png").unlink(missing_ok=True)
+        return n
+
+    def _delete(self, where: str, args: tuple) -> int:
+        con = self._connect()
+        with con:
+            con.execute("BEGIN IMMEDIATE")
+            shas = {r[0] for r in con.execute(f"SELECT image_sha256 FROM predictions WHERE {where}", args)}
+            n = con.execute(f"DELETE FROM predictions WHERE {where}", args).rowcount
+            # A kept image goes only when no remaining record still refers to it.
+            still = {r[0] for r in con.execute(
+                f"SELECT DISTINCT image_sha256 FROM predictions WHERE image_sha256 IN "
+                f"({','.join('?' * len(shas))})", tuple(shas))} if shas else set()
+        for sha in shas - still:
+            (self.image_dir / f"{sha}.png").unlink(missing_ok=True)
+        return n
+
+    def save_image(self, sha256: str, rgb: np.ndarray) -> str:
+        """See `PredictionStore.save_image` (PNG: annotators see the exact pixels the model saw)."""
+        import cv2
+
+        if not all(c in "0123456789abcdef" for c in sha256) or len(sha256) != 64:
+            raise DetopsError(f"not a sha256 hex digest: {sha256!r}")
+        self.image_dir.mkdir(parents=True, exist_ok=True)
+        path = self.image_dir / f"{sha256}.png"
+        if not path.exists():
+            tmp = path.with_suffix(f".{threading.get_ident()}.tmp.png")
+            if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+                raise OSError(f"cannot write {tmp}")
+            tmp.replace(path)  # atomic: a reader never sees half an image
+        return str(path)
+
+
+def open_store(location: str | Path) -> PredictionStore:
+    """The store at `location`: a folder -> `SQLiteStore` (its `predictions.db` and `images/`)."""
+    text = str(location)
+    if text.startswith(("postgresql://", "postgres://")):
+        raise DetopsError(f"{text}: no PostgreSQL prediction store in this install; use a folder "
+                          "(SQLite), or implement monitoring.store.PredictionStore over psycopg")
+    if "://" in text:
+        raise DetopsError(f"{text}: unsupported prediction store location (expected a folder)")
+    return SQLiteStore(Path(text))
+
+
+def parse_age(text: str) -> timedelta:
+    """`30d`, `12h`, `90m` (also `45s`, `2w`) -> timedelta; anything else is a DetopsError."""
+    units = {"w": "weeks", "d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+    value, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if unit not in units or number < 0:
+        raise DetopsError(f"age {text!r}: expected a number and a unit among w, d, h, m, s (e.g. 30d, 12h, 90m)")
+    return timedelta(**{units[unit]: number})
