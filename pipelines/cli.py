@@ -153,6 +153,25 @@ def augment(
 
 # --------------------------------------------------------------------------- monitoring
 # (simulate, drift, push, purge go here)
+@app.command()
+@user_errors
+def purge(
+    store: Annotated[Optional[Path], typer.Option(help="prediction store (default serve.prediction_log)")] = None,
+    older_than: Annotated[Optional[str], typer.Option("--older-than", help="retention age: 30d, 12h, 90m")] = None,
+    image: Annotated[Optional[str], typer.Option(help="sha256 of one image: delete its records and file")] = None,
+) -> None:
+    """Delete prediction records by age (retention) or everything about one image hash."""
+    from monitoring.store import open_store, parse_age
+
+    if (older_than is None) == (image is None):
+        raise DetopsError("purge: give exactly one of --older-than AGE or --image SHA256")
+    target = open_store(store or load_section("serve").prediction_log)
+    if older_than is not None:
+        n = target.purge_older_than(parse_age(older_than))
+        typer.echo(f"purged {n} records older than {older_than}")
+    else:
+        n = target.delete_image(image.strip().lower())
+        typer.echo(f"deleted {n} records of image {image}")
 
 
 if __name__ == "__main__":
