@@ -1,0 +1,237 @@
+"""serving.runtime without a trained model: letterbox geometry against ultralytics' LetterBox, NMS on
+hand-made boxes, and the raw/calibrated confidence plumbing through a real (hand-built) ONNX graph
+whose output is a known prediction tensor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.errors import DetopsError
+from serving.calibrator import Calibrator
+from serving.runtime import (
+    CALIBRATOR_FILE,
+    CARD_FILE,
+    MODEL_FILE,
+    LetterboxMeta,
+    ModelCard,
+    ModelRuntime,
+    decode,
+    letterbox,
+    letterbox_params,
+    nms,
+    scale_boxes,
+)
+
+SHAPES = [(100, 100), (480, 640), (640, 480), (37, 301), (333, 71), (1, 500), (64, 64), (20, 30)]
+
+
+@pytest.mark.parametrize("size", [64, 160])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_letterbox_matches_ultralytics_pixel_for_pixel(shape: tuple[int, int], size: int) -> None:
+    from ultralytics.data.augment import LetterBox
+
+    rng = np.random.default_rng(sum(shape) + size)
+    image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    ours, _ = letterbox(image, size)
+    theirs = LetterBox((size, size), auto=False, center=True, stride=32)(image=image)
+    assert ours.shape == theirs.shape == (size, size, 3)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_scale_boxes_matches_ultralytics(shape: tuple[int, int]) -> None:
+    import torch
+    from ultralytics.utils.ops import scale_boxes as ul_scale_boxes
+
+    _, meta = letterbox_params(*shape, 160)
+    boxes = np.array([[0, 0, 160, 160], [10.5, 20.25, 90, 150], [-5, 30, 170, 40]], dtype=np.float32)
+    expected = ul_scale_boxes((160, 160), torch.from_numpy(boxes.copy()), shape).numpy()
+    np.testing.assert_allclose(scale_boxes(boxes, meta), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (333, 71), (200, 200)])
+def test_letterbox_round_trip_of_a_drawn_box(shape: tuple[int, int]) -> None:
+    """A filled rectangle drawn in the original lands where the geometry says, and maps back."""
+    h, w = shape
+    image = np.zeros((h, w, 3), dtype=np.uint8)
+    x1, y1, x2, y2 = int(w * 0.2), int(h * 0.3), int(w * 0.7), int(h * 0.9)
+    image[y1:y2, x1:x2] = 255
+    boxed, meta = letterbox(image, 160)
+    ys, xs = np.nonzero(boxed[..., 0] > 127)  # the rectangle's pixels after resizing (pad is 114)
+    found = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]], dtype=np.float32)
+    forward = np.array([[x1 * meta.gain_x + meta.pad_x, y1 * meta.gain_y + meta.pad_y,
+                         x2 * meta.gain_x + meta.pad_x, y2 * meta.gain_y + meta.pad_y]])
+    np.testing.assert_allclose(found, forward, atol=1.0)  # interpolation blurs edges by < 1 px
+    back = scale_boxes(forward.astype(np.float32), meta)
+    np.testing.assert_allclose(back, [[x1, y1, x2, y2]], atol=1e-3)
+
+
+def test_nms_known_answers() -> None:
+    boxes = np.array([
+        [0, 0, 10, 10],     # 0: best
+        [1, 1, 11, 11],     # 1: IoU 0.68 with 0 -> suppressed at 0.5
+        [20, 20, 30, 30],   # 2: disjoint -> kept
+        [0, 0, 10, 5],      # 3: IoU 0.5 with 0: not > 0.5 -> kept
+    ], dtype=np.float32)
+    scores = np.array([0.9, 0.8, 0.7, 0.6], dtype=np.float32)
+    assert nms(boxes, scores, 0.5).tolist() == [0, 2, 3]
+    assert nms(boxes, scores, 0.7).tolist() == [0, 1, 2, 3]
+    assert nms(boxes, scores, 0.4).tolist() == [0, 2]
+    assert nms(boxes, scores, 0.5, limit=2).tolist() == [0, 2]
+    # Order follows the scores: 3 first; 1 (IoU 0.32 with 3) is kept and then suppresses 0.
+    assert nms(boxes, scores[::-1].copy(), 0.5).tolist() == [3, 2, 1]
+
+
+def test_nms_matches_torchvision_on_random_boxes() -> None:
+    import torch
+    import torchvision
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 100, (500, 2))
+    boxes = np.concatenate([xy, xy + rng.uniform(2, 40, (500, 2))], axis=1).astype(np.float32)
+    scores = rng.uniform(0, 1, 500).astype(np.float32)
+    for iou in (0.3, 0.5, 0.7):
+        expected = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
+        np.testing.assert_array_equal(nms(boxes, scores, iou), expected)
+
+
+def _raw(rows: list[tuple[float, float, float, float, list[float]]]) -> np.ndarray:
+    """(4 + nc, anchors) model output from rows of (cx, cy, w, h, class scores)."""
+    return np.array([[*box, *cls] for *box, cls in rows], dtype=np.float32).T
+
+
+def test_decode_is_class_aware_and_respects_thresholds() -> None:
+    pred = _raw([
+        (50, 50, 20, 20, [0.9, 0.1]),   # class 0
+        (51, 51, 20, 20, [0.8, 0.1]),   # class 0, overlaps the first -> suppressed
+        (51, 51, 20, 20, [0.1, 0.7]),   # class 1, same place -> kept (other class)
+        (100, 100, 10, 10, [0.3, 0.2]),  # exactly at conf 0.3 -> dropped (strictly greater)
+        (120, 120, 10, 10, [0.31, 0.2]),
+    ])
+    boxes, scores, cls = decode(pred, 0.3, 0.45)
+    assert cls.tolist() == [0, 1, 0]
+    np.testing.assert_allclose(scores, [0.9, 0.7, 0.31])
+    np.testing.assert_allclose(boxes[0], [40, 40, 60, 60])
+    _, _, only1 = decode(pred, 0.3, 0.45, classes=[1])
+    assert only1.tolist() == [1]
+    assert len(decode(pred, 0.3, 0.45, limit=1)[0]) == 1
+    assert len(decode(pred, 0.95, 0.45)[0]) == 0
+
+
+# ---------------------------------------------------------------------------- a real ONNX graph
+IMGSZ = 64
+KNOWN = _raw([
+    (32, 32, 16, 16, [0.6, 0.05]),   # raw 0.6
+    (10, 40, 8, 8, [0.05, 0.3]),     # raw 0.3
+    (33, 32, 16, 16, [0.55, 0.05]),  # overlaps the first, same class -> suppressed by NMS
+])
+
+
+def _write_model_dir(folder: Path, calibrator: Calibrator | None = None) -> Path:
+    """A model folder whose ONNX graph returns KNOWN for every image (output = KNOWN + 0 * sum(input))."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    nodes = [
+        helper.make_node("ReduceSum", ["images", "axes"], ["total"], keepdims=1),
+        helper.make_node("Mul", ["total", "zero"], ["nothing"]),
+        helper.make_node("Reshape", ["nothing", "shape"], ["column"]),
+        helper.make_node("Add", ["column", "known"], ["output0"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+        numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
+        numpy_helper.from_array(KNOWN[None], "known"),
+    ]
+    graph = helper.make_graph(
+        nodes, "known", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, IMGSZ, IMGSZ])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", *KNOWN.shape])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    onnx.save(model, folder / MODEL_FILE)
+    ModelCard(name="known", classes=["a", "b"], imgsz=IMGSZ, model_yaml="none").save(folder / CARD_FILE)
+    if calibrator is not None:
+        calibrator.save(folder / CALIBRATOR_FILE)
+    return folder
+
+
+def test_predict_maps_boxes_to_original_pixels(tmp_path: Path) -> None:
+    runtime = ModelRuntime.load(_write_model_dir(tmp_path / "m"), threads=1)
+    assert runtime.calibrator.method == "identity"
+    images = [np.zeros((128, 128, 3), np.uint8), np.zeros((64, 128, 3), np.uint8)]
+    square, wide = runtime.predict(images, conf=0.1, iou=0.45)
+    assert [d.class_id for d in square] == [0, 1]
+    assert square[0].box.x1 == pytest.approx(48) and square[0].box.x2 == pytest.approx(80)  # gain 0.5
+    # 128x64 -> 64x32 placed 16 px down: y = (32 - 16) / 0.5 = 32 for the centre.
+    assert (wide[0].box.y1 + wide[0].box.y2) / 2 == pytest.approx(32)
+    for det in square + wide:
+        assert det.confidence == det.raw_confidence
+    assert [d.raw_confidence for d in square] == pytest.approx([0.6, 0.3])
+
+
+def test_platt_calibration_plumbing(tmp_path: Path) -> None:
+    # logit(calibrated) = logit(raw) + 2: confidences go up; NMS still ran on raw scores.
+    platt_up = Calibrator(method="platt", coef=[1.0, 0.0, 0.0, 0.0, 0.0], intercept=2.0)
+    runtime = ModelRuntime.load(_write_model_dir(tmp_path / "up", platt_up), threads=1)
+    image = [np.zeros((64, 64, 3), np.uint8)]
+    dets = runtime.predict(image, conf=0.5)[0]
+    expected = platt_up.apply(np.array([0.6, 0.3]), np.array([[24, 24, 40, 40], [6, 36, 14, 44]]), 64, 64)
+    # The raw-0.3 box is kept: `conf` filters the calibrated confidence (0.76 > 0.5), not the raw one.
+    assert [d.raw_confidence for d in dets] == pytest.approx([0.6, 0.3])
+    assert [d.confidence for d in dets] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert len(dets) == 2  # the overlapping raw-0.55 box stays suppressed whatever its calibration
+    # calibrated=False ignores the calibrator file.
+    plain = ModelRuntime.load(tmp_path / "up", threads=1, calibrated=False).predict(image, conf=0.5)[0]
+    assert [d.confidence for d in plain] == pytest.approx([0.6])
+
+    platt_down = Calibrator(method="platt", coef=[1.0, 0.0, 0.0, 0.0, 0.0], intercept=-2.0)
+    runtime = ModelRuntime.load(_write_model_dir(tmp_path / "down", platt_down), threads=1)
+    assert runtime.predict(image, conf=0.5)[0] == []  # raw 0.6 -> calibrated 0.17
+    assert len(runtime.predict(image, conf=0.01)[0]) == 2
+
+
+def test_preprocess_layout_and_scale(tmp_path: Path) -> None:
+    runtime = ModelRuntime.load(_write_model_dir(tmp_path / "m"), threads=1)
+    image = np.zeros((32, 64, 3), np.uint8)
+    image[..., 0] = 255  # red in RGB
+    batch, metas = runtime.preprocess([image])
+    assert batch.shape == (1, 3, 64, 64) and batch.dtype == np.float32
+    assert batch[0, 0, 32, 32] == pytest.approx(1.0) and batch[0, 2, 32, 32] == 0.0  # channel 0 is R
+    assert batch[0, 0, 0, 0] == pytest.approx(114 / 255)  # padding row
+    assert metas == [LetterboxMeta(32, 64, 1.0, 1.0, 0, 16)]
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(DetopsError, match="no model.onnx"):
+        ModelRuntime.load(tmp_path / "nothing")
+    folder = _write_model_dir(tmp_path / "m")
+    runtime = ModelRuntime.load(folder, threads=1)
+    with pytest.raises(DetopsError, match="image 1: expected an RGB uint8"):
+        runtime.predict([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)])
+    with pytest.raises(DetopsError, match="image 0: expected an RGB uint8"):
+        runtime.predict([np.zeros((8, 8, 3), np.float32)])
+    with pytest.raises(DetopsError, match="conf must be"):
+        runtime.predict([np.zeros((8, 8, 3), np.uint8)], conf=1.5)
+    with pytest.raises(DetopsError, match="unknown class ids \\[5\\]"):
+        runtime.predict([np.zeros((8, 8, 3), np.uint8)], classes=[5])
+    (folder / CARD_FILE).write_text('{"name": "x"}')
+    with pytest.raises(DetopsError, match="invalid model card"):
+        ModelRuntime.load(folder)
+    ModelCard(name="x", classes=["a"], imgsz=96, model_yaml="y").save(folder / CARD_FILE)
+    with pytest.raises(DetopsError, match="does not match the card's imgsz 96"):
+        ModelRuntime.load(folder)
+
+
+def test_runtime_imports_neither_torch_nor_ultralytics() -> None:
+    code = "import sys, serving.runtime; bad = {'torch', 'ultralytics'} & set(sys.modules); print(sorted(bad))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.strip() == "[]"
