@@ -55,25 +55,33 @@ def ground_truth_boxes(gt: dict) -> dict[int, list[tuple[int, Box]]]:
     return boxes
 
 
-def match_detections(detections: list[Detection], truths: list[tuple[int, Box]],
-                     iou_threshold: float = 0.5) -> np.ndarray:
-    """Correct (True) or not, per detection in the given order. Greedy by descending raw confidence:
-    each detection takes the unmatched same-class ground truth of highest IoU >= `iou_threshold`."""
-    labels = np.zeros(len(detections), dtype=bool)
+def assign_detections(detections: list[Detection], truths: list[tuple[int, Box]], iou_threshold: float = 0.5,
+                      *, class_aware: bool = True) -> np.ndarray:
+    """Index of the ground truth each detection matches, -1 for none. Greedy by descending raw
+    confidence: each detection takes the unmatched ground truth (of its class when `class_aware`) of
+    highest IoU >= `iou_threshold`; each ground truth is taken once."""
+    assigned = np.full(len(detections), -1, dtype=int)
     taken = [False] * len(truths)
     for i in sorted(range(len(detections)), key=lambda j: -detections[j].raw_confidence):
         det = detections[i]
         best, best_iou = -1, iou_threshold
         for g, (cls, box) in enumerate(truths):
-            if taken[g] or cls != det.class_id:
+            if taken[g] or (class_aware and cls != det.class_id):
                 continue
             iou = det.box.iou(box)
             if iou >= best_iou:
                 best, best_iou = g, iou
         if best >= 0:
             taken[best] = True
-            labels[i] = True
-    return labels
+            assigned[i] = best
+    return assigned
+
+
+def match_detections(detections: list[Detection], truths: list[tuple[int, Box]],
+                     iou_threshold: float = 0.5) -> np.ndarray:
+    """Correct (True) or not, per detection in the given order: right class, IoU >= `iou_threshold`
+    with a ground truth no more confident detection took (see `assign_detections`)."""
+    return assign_detections(detections, truths, iou_threshold) >= 0
 
 
 def calibration_set(predictions: dict[int, list[Detection]], gt: dict, *, iou_threshold: float = 0.5,

@@ -29,16 +29,14 @@ SIZE_BUCKETS = ("small", "medium", "large")  # COCO area ranges: < 32², 32²..9
 def coco_ground_truth(dataset: YoloDataset, split: str) -> dict:
     """COCO ground-truth json of one split: images (id from 1, file name, width, height), one
     annotation per YOLO label (bbox xywh in pixels, area, iscrowd 0), categories in class-id order."""
-    from PIL import Image, ImageOps
+    from labeling.ingest import oriented_size
 
     paths = dataset.images(split)
     if not paths:
         raise DetopsError(f"{dataset.image_dir(split)}: no images in split {split!r}")
     images, annotations = [], []
     for image_id, path in enumerate(paths, start=1):
-        with Image.open(path) as im:
-            # Labels refer to the image as displayed, i.e. after its EXIF orientation.
-            width, height = ImageOps.exif_transpose(im).size
+        width, height = oriented_size(path)  # labels refer to the image as displayed (EXIF)
         images.append({"id": image_id, "file_name": path.name, "width": width, "height": height})
         for label in dataset.labels(path):
             if not 0 <= label.class_id < len(dataset.class_names):

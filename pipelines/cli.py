@@ -141,6 +141,24 @@ def augment(
 
 # --------------------------------------------------------------------------- model: evaluate
 # (verbs of evaluation/evaluate.py go here)
+@app.command()
+@user_errors
+def evaluate(
+    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="model folder (model.onnx, model_card.json)")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="YOLO dataset folder (val and test splits)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="report folder")] = None,
+) -> None:
+    """COCO mAP, D-ECE and latency of the ONNX model on test; fit its calibrator on val."""
+    from rich.console import Console
+
+    from evaluation.evaluate import evaluate as run
+
+    cfg = load_section("evaluate", model_dir=model_dir, dataset=dataset, out=out)
+    m = run(cfg)
+    Console().print(f"[green]evaluated[/green] {m['n_test_images']} test images: mAP50-95 {m['map50_95']:.3f}, "
+                    f"mAP50 {m['map50']:.3f}, D-ECE {m['dece']:.3f} -> {m['dece_calibrated']:.3f} "
+                    f"({m['calibration']['method']}), latency {m['latency_ms_batch1']:.1f} ms; "
+                    f"report {cfg.out / 'metrics.json'}")
 
 
 # --------------------------------------------------------------------------- registry

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -192,9 +192,12 @@ class EvaluateConfig(Section):
     calibration_method: Literal["platt", "isotonic", "none"] = "platt"
     calibration_min_conf: float = Field(0.1, ge=0, le=1)
     calibration_iou: float = Field(0.5, gt=0, le=1)
-    dece_bins: int = Field(10, ge=2)
-    latency_batch_sizes: list[int] = [1, 2, 4, 8, 16]
+    dece_bins: int = Field(10, ge=2)  # equal-width confidence bins of D-ECE and the reliability diagram
+    dece_box_bins: int = Field(2, ge=1)  # equal-width bins on each of cx, cy, w, h (1: confidence only)
+    batch: int = Field(16, ge=1)  # images per inference call while predicting the splits
+    latency_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 2, 4, 8, 16], min_length=1)
     latency_repeats: int = Field(20, ge=1)
+    experiment: str = "detops"  # used only when the model card's training run is not in the store
 
 
 class Gates(Section):
