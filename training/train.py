@@ -43,12 +43,12 @@ class TrainResult:
 
 def train(cfg: TrainConfig) -> TrainResult:
     """Train, export and publish the model folder `cfg.out`; log everything to one MLflow run."""
-    environment.configure_ultralytics()
     dataset = YoloDataset.load(cfg.dataset)
     if "train" not in dataset.splits or "val" not in dataset.splits:
         raise DetopsError(f"{dataset.yaml_path}: needs 'train' and 'val' splits (has {list(dataset.splits)})")
     if not dataset.images("train"):
         raise DetopsError(f"{dataset.image_dir('train')}: no training images")
+    environment.configure_ultralytics()
     train_args = _train_args(cfg)
 
     import mlflow
@@ -94,7 +94,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train_args(cfg: TrainConfig) -> dict[str, Any]:
     """ultralytics train arguments from the config; `hyp` keys must be real ultralytics arguments."""
-    from ultralytics.cfg import DEFAULT_CFG_DICT
+    from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg
 
     args = {"data": str(Path(cfg.dataset) / "dataset.yaml"), "imgsz": cfg.imgsz, "epochs": cfg.epochs,
             "batch": cfg.batch, "lr0": cfg.lr0, "optimizer": cfg.optimizer, "patience": cfg.patience,
@@ -104,8 +104,13 @@ def _train_args(cfg: TrainConfig) -> dict[str, Any]:
         if key not in DEFAULT_CFG_DICT:
             raise DetopsError(f"train.hyp.{key}: not an ultralytics train argument")
         if key in args or key in _MANAGED:
-            raise DetopsError(f"train.hyp.{key}: set by detops (use train.{key} if it is a train param)")
+            hint = f"; use train.{key}" if key in TrainConfig.model_fields else ""
+            raise DetopsError(f"train.hyp.{key}: set by detops, not a pass-through argument{hint}")
         args[key] = value
+    try:
+        check_cfg(dict(args))  # types and ranges, before an MLflow run is opened
+    except (TypeError, ValueError) as exc:
+        raise DetopsError(f"train: {' '.join(str(exc).split())}") from None
     return args
 
 
