@@ -142,6 +142,27 @@ def augment(
 # --------------------------------------------------------------------------- model: evaluate
 # (verbs of evaluation/evaluate.py go here)
 @app.command()
+@app.command()
+@user_errors
+def train(
+    dataset: Annotated[Optional[Path], typer.Option(help="YOLO dataset folder (with dataset.yaml)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="model folder: best.pt, model.onnx, model_card.json")] = None,
+    model: Annotated[Optional[str], typer.Option(help="ultralytics model YAML, e.g. yolov8n.yaml")] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help="square input size, a multiple of 32")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="training epochs")] = None,
+    batch: Annotated[Optional[int], typer.Option(help="batch size")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, 0, 0,1 ...")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment")] = None,
+) -> None:
+    """Train YOLO from a model YAML, log one MLflow run, export ONNX and write the model folder."""
+    from training.train import train as run
+
+    cfg = load_section("train", dataset=dataset, out=out, model=model, imgsz=imgsz, epochs=epochs, batch=batch,
+                       device=device, experiment=experiment)
+    result = run(cfg)
+    best = ", ".join(f"{k.removeprefix('metrics/')}={v:.3f}" for k, v in result.metrics.items())
+    typer.echo(f"run {result.run_id}: {result.model_dir} ({best})")
+
 @user_errors
 def evaluate(
     model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="model folder (model.onnx, model_card.json)")] = None,

@@ -120,7 +120,8 @@ class TrainConfig(Section):
     dataset: Path = Path("data/augmented")
     out: Path = Path("models")
     model: str = "yolov8n.yaml"
-    imgsz: int = Field(160, ge=32)
+    # A multiple of the max stride: ultralytics would silently round it up, and the card states it.
+    imgsz: int = Field(160, ge=32, multiple_of=32)
     epochs: int = Field(30, ge=1)
     batch: int = Field(16, ge=1)
     lr0: float = Field(0.01, gt=0)
@@ -134,13 +135,6 @@ class TrainConfig(Section):
     runs: Path = Path("runs/train")  # ultralytics' run folders (git-ignored), one per MLflow run id
     report: Path = Path("reports/train")  # DVC metrics.json and per-epoch results.csv/png
     hyp: dict[str, Any] = {}  # any other ultralytics train argument, passed through
-
-    @model_validator(mode="after")
-    def _imgsz_multiple_of_stride(self) -> TrainConfig:
-        # ultralytics would silently round it up, and the model card must state the real input size.
-        if self.imgsz % 32:
-            raise ValueError(f"imgsz must be a multiple of 32 (got {self.imgsz})")
-        return self
 
 
 class SearchDim(Section):
