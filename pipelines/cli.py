@@ -129,10 +129,15 @@ def augment(
     out: Annotated[Optional[Path], typer.Option(help="augmented dataset folder")] = None,
 ) -> None:
     """Write an augmented copy of the dataset (train split only) and a preview grid."""
+    from rich.console import Console
+
     from training.augment import augment as run
 
     cfg = load_section("augment", dataset=dataset, out=out)
-    run(cfg)
+    s = run(cfg)
+    Console().print(f"augment: {s.train_images} train images + {s.augmented_images} augmented "
+                    f"({s.boxes_dropped} of {s.boxes_in} boxes dropped), val {s.val_images}, "
+                    f"test {s.test_images} -> {s.out} in {s.seconds:.1f} s; preview {s.preview}")
 
 
 # --------------------------------------------------------------------------- model: train, tune

@@ -80,39 +80,60 @@ class IngestConfig(Section):
 
 
 class MinInstances(Section):
+    """Minimum number of boxes of every class in each split (validate)."""
+
     train: int = Field(10, ge=0)
     val: int = Field(3, ge=0)
     test: int = Field(3, ge=0)
 
 
 class ValidateConfig(Section):
+    """The data-quality checks of `detops validate` (docs/data-quality.md)."""
+
     dataset: Path = Path("data/dataset")
     report: Path = Path("reports/validate")
     min_instances_per_class: MinInstances = MinInstances()
-    min_box_side_px: float = Field(2.0, ge=0)
-    size_tolerance_px: int = Field(0, ge=0)
+    min_box_side_px: float = Field(2.0, ge=0)  # smaller boxes (either side) fail
+    size_tolerance_px: int = Field(0, ge=0)  # allowed |decoded - annotated| image size
 
 
 class TransformSpec(Section):
     """One albumentations transform: its class name, probability and keyword arguments."""
 
-    name: str
+    name: str = Field(min_length=1)
     p: float = Field(0.5, ge=0, le=1)
     args: dict[str, Any] = {}
 
 
+def _default_transforms() -> list[TransformSpec]:
+    # Mild, box-safe photometric and geometric jitter for the synthetic shapes. Colour is part of each
+    # class (hues 24+ apart, jittered by 6), so the hue shift stays small.
+    return [
+        TransformSpec(name="HorizontalFlip", p=0.5),
+        TransformSpec(name="Affine", p=0.5, args={"scale": [0.8, 1.2], "fill": 114,
+                                                  "translate_percent": {"x": [-0.1, 0.1], "y": [-0.1, 0.1]}}),
+        TransformSpec(name="RandomBrightnessContrast", p=0.5,
+                      args={"brightness_limit": 0.2, "contrast_limit": 0.2}),
+        TransformSpec(name="HueSaturationValue", p=0.3,
+                      args={"hue_shift_limit": 4, "sat_shift_limit": 20, "val_shift_limit": 15}),
+        TransformSpec(name="RandomGamma", p=0.2, args={"gamma_limit": [80, 120]}),
+        TransformSpec(name="GaussNoise", p=0.2, args={"std_range": [0.02, 0.05]}),
+        TransformSpec(name="Blur", p=0.1, args={"blur_limit": [3, 5]}),
+        TransformSpec(name="MotionBlur", p=0.1, args={"blur_limit": [3, 7]}),
+    ]
+
+
 class AugmentConfig(Section):
+    """The augmented train set of `detops augment` (docs/data-quality.md)."""
+
     dataset: Path = Path("data/dataset")
     out: Path = Path("data/augmented")
     report: Path = Path("reports/augment")
-    copies: int = Field(2, ge=0)
+    copies: int = Field(2, ge=0)  # augmented copies per train image, next to the original
     seed: int = 0
     bbox_rule: Literal["clip", "drop"] = "clip"
-    min_visibility: float = Field(0.3, ge=0, le=1)
-    transforms: list[TransformSpec] = [
-        TransformSpec(name="HorizontalFlip", p=0.5),
-        TransformSpec(name="RandomBrightnessContrast", p=0.5),
-    ]
+    min_visibility: float = Field(0.3, ge=0, le=1)  # share of a box's area that must stay in the image
+    transforms: list[TransformSpec] = Field(default_factory=_default_transforms)
 
 
 # --------------------------------------------------------------------------- model
