@@ -220,3 +220,19 @@ def purge(
 
 if __name__ == "__main__":
     app()
+@app.command()
+@user_errors
+def build(
+    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="import this local model folder "
+                                                      "instead of the registry's serve.alias version")] = None,
+    alias: Annotated[Optional[str], typer.Option(help="registry alias to serve (default serve.alias)")] = None,
+    bento: Annotated[bool, typer.Option(help="also build the bento (--no-bento: import the model only)")] = True,
+) -> None:
+    """Import the model into BentoML's store and build the bento (serve: bentoml serve serving.service:Detector)."""
+    from serving.build import build as run
+
+    cfg = load_section("serve", alias=alias)
+    result = run(cfg, model_dir=model_dir, bento=bento)
+    source = "local folder" if model_dir else f"{cfg.model_name}@{cfg.alias} v{result.labels['registry_version']}"
+    typer.echo(f"model {result.model_tag} ({source})" + (f"; bento {result.bento_tag}" if result.bento_tag else ""))
+

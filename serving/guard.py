@@ -1,0 +1,101 @@
+"""ASGI middleware in front of the service's routes:
+
+- the batched inference route is internal (the public endpoints call it through BentoML's in-process
+  client, which sends a per-process token): anyone else gets 404, so nobody can put a malformed tensor
+  into a batch that other requests share;
+- a request whose Content-Length is over what the endpoint can accept is refused with 413 before its
+  body is read;
+- BentoML's own 400 for a request that does not match an endpoint's signature (missing or misnamed
+  field, wrong type) is rewritten into the project's `{"error", "detail"}` body naming the fields.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from serving import metrics
+from serving.schemas import ErrorBody
+
+INTERNAL_ROUTE = "/internal/infer"
+INTERNAL_HEADER = "x-detops-internal"
+# Per process: a worker's public endpoints call its own app in-process, so they share this value.
+INTERNAL_TOKEN = secrets.token_hex(16)
+MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the files
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+
+
+class RequestGuard:
+    """See the module docstring. `upload_limits` maps a route to the largest body it accepts."""
+
+    def __init__(self, app: Callable[..., Any], upload_limits: dict[str, int]) -> None:
+        self.app = app
+        self.upload_limits = upload_limits
+
+    async def __call__(self, scope: Scope, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, headers = scope["path"], dict(scope["headers"])
+        if path == INTERNAL_ROUTE and headers.get(INTERNAL_HEADER.encode()) != INTERNAL_TOKEN.encode():
+            return await _send_error(send, 404, "not_found", f"{path} is internal to the service")
+        limit = self.upload_limits.get(path)
+        length = headers.get(b"content-length", b"")
+        if limit is not None and length.isdigit() and int(length) > limit + MULTIPART_SLACK:
+            metrics.BAD_INPUT.labels(reason="file_too_large").inc()
+            return await _send_error(send, 413, "file_too_large",
+                                     f"request body of {int(length)} bytes is over the limit of {limit} bytes "
+                                     f"for {path} (serve.max_upload_bytes)")
+        await self.app(scope, receive, _ValidationRewriter(send))
+
+
+class _ValidationRewriter:
+    """Holds back a 400 JSON response and, when it is BentoML's validation error (a list of
+    pydantic errors as `detail`), sends the project's error body instead."""
+
+    def __init__(self, send: Callable[..., Any]) -> None:
+        self.send = send
+        self.start: Message | None = None
+        self.body = b""
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] == 400:
+            self.start = message
+            return
+        if self.start is None:
+            return await self.send(message)
+        self.body += message.get("body", b"")
+        if message.get("more_body"):
+            return
+        rewritten = _rewrite(self.body)
+        if rewritten is None:
+            await self.send(self.start)
+            return await self.send({"type": "http.response.body", "body": self.body})
+        headers = [(k, v) for k, v in self.start["headers"] if k.lower() != b"content-length"]
+        headers.append((b"content-length", str(len(rewritten)).encode()))
+        await self.send({**self.start, "headers": headers})
+        await self.send({"type": "http.response.body", "body": rewritten})
+
+
+def _rewrite(body: bytes) -> bytes | None:
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("detail"), list):
+        return None
+    problems = [f"{'.'.join(str(p) for p in err.get('loc', ())) or 'request'}: {err.get('msg', 'invalid')}"
+                for err in data["detail"]]
+    code = "missing_field" if any(err.get("type") == "missing" for err in data["detail"]) else "invalid_parameter"
+    metrics.BAD_INPUT.labels(reason=code).inc()
+    return ErrorBody(error=code, detail="; ".join(problems)).model_dump_json().encode()
+
+
+async def _send_error(send: Callable[..., Any], status: int, code: str, detail: str) -> None:
+    body = ErrorBody(error=code, detail=detail).model_dump_json().encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,33 @@
+"""The service's own Prometheus metrics, next to BentoML's on `/metrics`.
+
+BentoML serves metrics in prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR is set for
+every worker before it imports anything), so metrics created here with the default registry are
+collected from all workers. Import this module only in the serving process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipelines.types import Detection
+
+DETECTIONS_PER_IMAGE = Histogram(
+    "detops_detections_per_image", "Detections returned per image",
+    buckets=(0, 1, 2, 3, 5, 8, 13, 21, 50, 100, 300))
+CONFIDENCE = Histogram(
+    "detops_detection_confidence", "Calibrated confidence of returned detections",
+    buckets=tuple(round(0.1 * i, 1) for i in range(1, 11)))
+MODEL_INFO = Gauge(
+    "detops_model_info", "The model this service serves (value 1)",
+    ["name", "version", "alias", "bento_tag"], multiprocess_mode="livemax")
+CACHE = Counter("detops_cache_requests", "Result-cache lookups by outcome", ["result"])
+BAD_INPUT = Counter("detops_bad_input", "Requests refused for bad input, by reason", ["reason"])
+
+
+def observe_detections(detections: Sequence[Detection]) -> None:
+    """Record one image's detections."""
+    DETECTIONS_PER_IMAGE.observe(len(detections))
+    for det in detections:
+        CONFIDENCE.observe(det.confidence)
