@@ -234,6 +234,9 @@ class RegisterConfig(Section):
 
 # --------------------------------------------------------------------------- serving & monitoring
 class ServeConfig(Section):
+    """The BentoML service (serving/): model, batching, limits, cache, prediction log. Every field can
+    be overridden by an environment variable DETOPS_SERVE_<FIELD> (serving/settings.py)."""
+
     model_name: str = "detops-detector"
     alias: str = "champion"
     store_version: str = "latest"  # which version of the imported model the service serves
