@@ -16,8 +16,10 @@ See docs/synthetic.md.
 
 from __future__ import annotations
 
+import itertools
 import json
 import string
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from datetime import datetime, timedelta, timezone
@@ -123,7 +125,7 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
     images_dir.mkdir(parents=True, exist_ok=True)
     plan = _messiness_plan(cfg)
     tasks, truths, written = [], {}, set()
-    annotation_ids = iter(range(1, 10 * cfg.n_images + 10))
+    annotation_ids = itertools.count(1)
     with Progress(transient=True) as progress:
         job = progress.add_task(f"synthesizing {cfg.n_images} images", total=cfg.n_images)
         for index in range(cfg.n_images):
@@ -207,7 +209,7 @@ def _messiness_plan(cfg: SynthesizeConfig) -> dict[int, str]:
 
 def _streams(cfg: SynthesizeConfig, index: int) -> dict[str, np.random.Generator]:
     # Independent streams per concern: a shift that re-draws one concern leaves the others unchanged.
-    names = ("size", "layout", "background", "clutter", "light", "noise", "shift", "export")
+    names = ("canvas", "size", "layout", "background", "clutter", "light", "noise", "shift", "export", "annotation")
     seqs = np.random.SeedSequence([cfg.seed, index]).spawn(len(names))
     return {n: np.random.default_rng(s) for n, s in zip(names, seqs)}
 
@@ -351,7 +353,7 @@ def _background(width: int, height: int, rng: np.random.Generator, family: str) 
     """A float32 BGR background of one texture family (muted colours: objects must stand out)."""
 
     def muted() -> np.ndarray:
-        return np.array(_hsv_to_bgr(rng.uniform(0, 180), rng.uniform(0, 90), rng.uniform(60, 220)), np.float32)
+        return np.array(_hsv_to_bgr(rng.uniform(0, 180), rng.uniform(0, 60), rng.uniform(80, 220)), np.float32)
 
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     if family == "checkerboard":  # only for the `background` shift
@@ -377,8 +379,10 @@ def _background(width: int, height: int, rng: np.random.Generator, family: str) 
             axes = (int(rng.integers(5, width // 3)), int(rng.integers(5, height // 3)))
             cv2.ellipse(canvas, centre, axes, float(rng.uniform(0, 180)), 0, 360, muted().tolist(), -1)
         return cv2.GaussianBlur(canvas, (0, 0), rng.uniform(3, 8))
-    # "noise": smooth coloured value noise
+    # "noise": smooth value noise, mostly in brightness with a little colour (strong chroma would mimic
+    # the objects' colours)
     coarse = rng.normal(0, 1, (max(height // 16, 2), max(width // 16, 2), 3)).astype(np.float32)
+    coarse = coarse[..., :1] + 0.3 * coarse
     smooth = cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
     return muted() + smooth * rng.uniform(10, 30)
 
@@ -413,9 +417,9 @@ def _clutter(canvas: np.ndarray, rng: np.random.Generator, count: int) -> None:
 
 def _render(cfg: SynthesizeConfig, index: int, plan: dict[int, str]) -> SyntheticImage:
     streams = _streams(cfg, index)
-    light = streams["light"]
-    width = int(light.integers(cfg.min_side, cfg.max_side + 1))
-    height = int(light.integers(cfg.min_side, cfg.max_side + 1))
+    canvas_rng = streams["canvas"]
+    width = int(canvas_rng.integers(cfg.min_side, cfg.max_side + 1))
+    height = int(canvas_rng.integers(cfg.min_side, cfg.max_side + 1))
     objects = _layout(cfg, width, height, streams, plan.get(index))
 
     bg_rng = streams["background"]
@@ -430,6 +434,7 @@ def _render(cfg: SynthesizeConfig, index: int, plan: dict[int, str]) -> Syntheti
     _clutter(canvas, clutter, int(clutter.integers(0, 3)))  # a few thin distractors over the objects
 
     # Lighting: contrast, brightness, gamma and a soft shading ramp across the image.
+    light = streams["light"]
     img = canvas.astype(np.float32)
     img = (img - img.mean()) * light.uniform(0.75, 1.2) + img.mean() + light.uniform(-25, 25)
     img = 255 * (np.clip(img, 0, 255) / 255) ** light.uniform(0.8, 1.25)
@@ -542,9 +547,9 @@ def _annotation(annotation_id: int, task_id: int, user: int, result: list[dict],
 
 
 def _task(cfg: SynthesizeConfig, index: int, sample: SyntheticImage, case: str | None,
-          annotation_ids) -> dict:
+          annotation_ids: Iterator[int]) -> dict:
     """One task of the Label Studio JSON export, with its annotations (and its messiness case)."""
-    rng = np.random.default_rng([cfg.seed, index, 104729])
+    rng = _streams(cfg, index)["annotation"]
     width, height = sample.truth.width, sample.truth.height
     labeled = [(o, t) for o, t in zip(sample.shapes, sample.truth.objects) if o.in_label_set]
     task_id = index + 1
@@ -577,7 +582,7 @@ def _task(cfg: SynthesizeConfig, index: int, sample: SyntheticImage, case: str |
         annotations.append(_annotation(next(annotation_ids), task_id, 1, result, annotated, rng.uniform(5, 90),
                                        updated=annotated + timedelta(seconds=float(rng.uniform(0, 30)))))
 
-    upload = "-" in sample.name
+    upload = index in _uploaded(cfg.seed, cfg.n_images)
     image_ref = (f"/data/upload/{UPLOAD_PROJECT}/{sample.name}" if upload
                  else f"/data/local-files/?d=images/{sample.name}")
     meta = {"messiness": case} if case else {}
@@ -585,8 +590,6 @@ def _task(cfg: SynthesizeConfig, index: int, sample: SyntheticImage, case: str |
     if unseen:
         meta["unlabeled_unseen_objects"] = unseen
     valid = [a for a in annotations if not a["was_cancelled"]]
-    last = max([created] + [datetime.strptime(a["updated_at"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
-        tzinfo=timezone.utc) for a in annotations])
     return {
         "id": task_id,
         "annotations": annotations,
@@ -596,7 +599,8 @@ def _task(cfg: SynthesizeConfig, index: int, sample: SyntheticImage, case: str |
         "data": {"image": image_ref},
         "meta": meta,
         "created_at": _timestamp(created),
-        "updated_at": _timestamp(last),
+        # Fixed-width ISO timestamps order like the moments they stand for.
+        "updated_at": max([_timestamp(created)] + [a["updated_at"] for a in annotations]),
         "inner_id": task_id,
         "total_annotations": len(valid),
         "cancelled_annotations": len(annotations) - len(valid),

@@ -175,28 +175,30 @@ def test_messiness_cases_are_present_and_as_documented(project: Path) -> None:
 
 
 def test_boxes_are_tight_to_the_drawn_object() -> None:
-    """The last-drawn object is never occluded: its pixels (hue of its colour) span exactly its box."""
-    cfg = SynthesizeConfig(n_images=30, seed=3, min_side=96, max_side=160, messy=False)
+    """The last-drawn object is never occluded: the pixels of its colour near its box span the box."""
+    cfg = SynthesizeConfig(n_images=40, seed=3, min_side=96, max_side=160, messy=False)
     errors = []
     for index in range(cfg.n_images):
         sample = render(cfg, index)
         shape, obj = sample.shapes[-1], sample.truth.objects[-1]
+        box = obj.box
+        if any(o.label == obj.label and o.box.x1 < box.x2 + 5 and o.box.x2 > box.x1 - 5
+               and o.box.y1 < box.y2 + 5 and o.box.y2 > box.y1 - 5 for o in sample.truth.objects[:-1]):
+            continue  # a same-coloured neighbour within 5 px would blur the measurement
         hsv = cv2.cvtColor(sample.image, cv2.COLOR_BGR2HSV).astype(int)
         hue = int(cv2.cvtColor(np.uint8([[shape.bgr]]), cv2.COLOR_BGR2HSV)[0, 0, 0])
         dh = np.abs(hsv[..., 0] - hue)
-        mask = ((np.minimum(dh, 180 - dh) <= 12) & (hsv[..., 1] > 90)).astype(np.uint8)
-        _, components = cv2.connectedComponents(mask)
-        cx, cy = np.clip(shape.polygon.mean(axis=0), 0, [obj.box.x2 - 1, obj.box.y2 - 1]).astype(int)
-        if components[cy, cx] == 0:
-            errors.append(math.inf)
-            continue
-        ys, xs = np.nonzero(components == components[cy, cx])
-        box = obj.box
+        mask = (np.minimum(dh, 180 - dh) <= 12) & (hsv[..., 1] > 90)
+        window = np.zeros_like(mask)
+        window[max(int(box.y1) - 4, 0):int(box.y2) + 5, max(int(box.x1) - 4, 0):int(box.x2) + 5] = True
+        ys, xs = np.nonzero(mask & window)
         errors.append(max(abs(xs.min() - box.x1), abs(xs.max() + 1 - box.x2),
                           abs(ys.min() - box.y1), abs(ys.max() + 1 - box.y2)))
-    tight = np.mean(np.array(errors) <= 2.5)
-    # A few objects touch a same-coloured neighbour or a distractor; nearly all must fit within 2.5 px.
-    assert tight >= 0.85, errors
+    errors = np.array(errors)
+    assert len(errors) >= 25
+    # Anti-aliased edges and sensor noise move the colour mask by a pixel or two; a loose or shifted box
+    # moves every measurement. A few objects sit next to background or clutter of a similar colour.
+    assert np.median(errors) <= 2.0 and np.mean(errors <= 2.5) >= 0.85, np.round(errors, 1)
 
 
 def test_ground_truth_matches_export(project: Path) -> None:
@@ -236,8 +238,9 @@ def test_shifts_change_their_statistic() -> None:
         assert _laplacian_var(bl.image) < 0.5 * _laplacian_var(b.image)
         assert not np.array_equal(bg.image, b.image)
 
-    def background_periodicity(samples: list) -> float:
-        """Checkerboards put most gradient energy into two orthogonal directions at fine scale."""
+    def background_step_edges(samples: list) -> float:
+        """Share of background pixels on a hard step edge: checkerboards have many, the smooth noise,
+        gradients, sine stripes and blurred blotches in distribution few."""
         scores = []
         for s in samples:
             gray = cv2.cvtColor(s.image, cv2.COLOR_BGR2GRAY).astype(np.float32)
@@ -246,10 +249,10 @@ def test_shifts_change_their_statistic() -> None:
                 keep[int(o.box.y1):int(math.ceil(o.box.y2)), int(o.box.x1):int(math.ceil(o.box.x2))] = False
             gx, gy = cv2.Sobel(gray, cv2.CV_32F, 1, 0), cv2.Sobel(gray, cv2.CV_32F, 0, 1)
             edges = np.hypot(gx, gy)[keep]
-            scores.append(float(np.mean(edges > 40)))
+            scores.append(float(np.mean(edges > 120)))
         return float(np.mean(scores))
 
-    assert background_periodicity(background) > 2 * background_periodicity(base)
+    assert background_step_edges(background) > 3 * background_step_edges(base)
 
     def size_share(samples: list) -> float:
         sides = [max(o.box.width, o.box.height) / min(s.truth.width, s.truth.height)
