@@ -101,7 +101,8 @@ def calibration_set(predictions: dict[int, list[Detection]], gt: dict, *, iou_th
         boxes.extend((d.box.x1, d.box.y1, d.box.x2, d.box.y2) for d in kept)
         widths.extend([sizes[image_id][0]] * len(kept))
         heights.extend([sizes[image_id][1]] * len(kept))
-    return CalibrationSet(np.asarray(conf, dtype=np.float64), np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
+    return CalibrationSet(np.asarray(conf, dtype=np.float64),
+                          np.asarray(boxes, dtype=np.float64).reshape(-1, 4),
                           np.asarray(widths, dtype=np.float64), np.asarray(heights, dtype=np.float64),
                           np.concatenate(labels) if labels else np.zeros(0, dtype=bool))
 

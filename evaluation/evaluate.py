@@ -38,7 +38,8 @@ def load_rgb(path: Path) -> np.ndarray:
         raise DetopsError(f"image {path} cannot be decoded ({exc})") from None
 
 
-def predict_split(runtime: Any, dataset: YoloDataset, split: str, gt: dict, cfg: EvaluateConfig) -> dict[int, list[Detection]]:
+def predict_split(runtime: Any, dataset: YoloDataset, split: str, gt: dict,
+                  cfg: EvaluateConfig) -> dict[int, list[Detection]]:
     """Detections per image id of `gt` for every image of `split`, in batches of `cfg.batch`."""
     from rich.progress import Progress
 
@@ -49,14 +50,16 @@ def predict_split(runtime: Any, dataset: YoloDataset, split: str, gt: dict, cfg:
         task = progress.add_task(f"predicting {split}", total=len(paths))
         for start in range(0, len(paths), cfg.batch):
             chunk = paths[start:start + cfg.batch]
-            results = runtime.predict([load_rgb(p) for p in chunk], conf=cfg.conf, iou=cfg.iou, max_det=cfg.max_det)
+            results = runtime.predict([load_rgb(p) for p in chunk], conf=cfg.conf, iou=cfg.iou,
+                                      max_det=cfg.max_det)
             for path, detections in zip(chunk, results):
                 predictions[ids[path.name]] = detections
             progress.advance(task, len(chunk))
     return predictions
 
 
-def measure_latency(runtime: Any, images: list[np.ndarray], batch_sizes: list[int], repeats: int) -> dict[str, Any]:
+def measure_latency(runtime: Any, images: list[np.ndarray], batch_sizes: list[int],
+                    repeats: int) -> dict[str, Any]:
     """Median wall time of preprocess + infer + postprocess (runtime.predict at the card's default
     thresholds, as served): for one image, and per image at the fastest of `batch_sizes`."""
 
@@ -72,7 +75,8 @@ def measure_latency(runtime: Any, images: list[np.ndarray], batch_sizes: list[in
     single = median_ms(images[:1])
     per_image = {b: median_ms([images[i % len(images)] for i in range(b)]) / b for b in batch_sizes}
     best = min(per_image, key=per_image.__getitem__)
-    return {"latency_ms_batch1": single, "latency_ms_per_image_best_batch": per_image[best], "best_batch": best,
+    return {"latency_ms_batch1": single, "latency_ms_per_image_best_batch": per_image[best],
+            "best_batch": best,
             "latency_ms_per_image_by_batch": {str(b): v for b, v in per_image.items()}}
 
 
@@ -150,10 +154,11 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     plot_reliability({"raw": (test_set.raw_conf, test_set.labels),
                       f"calibrated ({calibrator.method})": (conf_after, test_set.labels)},
                      out / "reliability.png", cfg.dece_bins)
-    _write_reliability_csv(test_set.raw_conf, conf_after, test_set.labels, cfg.dece_bins, out / "reliability.csv")
+    _write_reliability_csv(test_set.raw_conf, conf_after, test_set.labels, cfg.dece_bins,
+                           out / "reliability.csv")
     _write_confusion(matrix, [*dataset.class_names, "background"], out, runtime.card.thresholds.conf)
-    metrics["mlflow_run_id"] = _log_to_mlflow(runtime.card.run_id, metrics, out, Path(cfg.model_dir) / CALIBRATOR_FILE,
-                                              cfg.experiment)
+    metrics["mlflow_run_id"] = _log_to_mlflow(runtime.card.run_id, metrics, out,
+                                              Path(cfg.model_dir) / CALIBRATOR_FILE, cfg.experiment)
     return metrics
 
 
@@ -199,7 +204,8 @@ def _write_pr_curves(coco: CocoMetrics, out: Path) -> None:
     _write_csv(out / "pr_curve.csv", ("class", "recall", "precision"), rows)
 
 
-def _write_reliability_csv(raw: np.ndarray, after: np.ndarray, labels: np.ndarray, bins: int, path: Path) -> None:
+def _write_reliability_csv(raw: np.ndarray, after: np.ndarray, labels: np.ndarray, bins: int,
+                           path: Path) -> None:
     rows = []
     for name, conf in (("raw", raw), ("calibrated", after)):
         r = reliability(conf, labels, bins)
