@@ -236,9 +236,9 @@ def _outcome(table: str, r: Any, n_rows: int) -> ExpectationOutcome:
     config = r.expectation_config
     res = r.result or {}
     name = (config.meta or {}).get("name", config.type)
-    if r.exception_info and r.exception_info.get("raised_exception"):
-        return ExpectationOutcome(name, table, config.type, False,
-                                  f"could not run: {r.exception_info.get('exception_message')}")
+    errors = _exception_messages(r.exception_info or {})
+    if errors:
+        return ExpectationOutcome(name, table, config.type, False, f"could not run: {'; '.join(errors)}")
     if "unexpected_count" in res:  # a per-row expectation
         observed = f"{res['unexpected_count']} of {res.get('element_count', n_rows)} rows fail"
         examples = [_example(table, row, config) for row in (res.get("unexpected_index_list") or [])]
@@ -249,6 +249,12 @@ def _outcome(table: str, r: Any, n_rows: int) -> ExpectationOutcome:
         observed = str(res.get("observed_value"))
         examples = []
     return ExpectationOutcome(name, table, config.type, bool(r.success), observed, examples[:MAX_EXAMPLES])
+
+
+def _exception_messages(info: dict[str, Any]) -> list[str]:
+    """The distinct messages of a GX exception_info: flat, or keyed by metric id (one per failed metric)."""
+    entries = [info] if "raised_exception" in info else [v for v in info.values() if isinstance(v, dict)]
+    return sorted({str(e.get("exception_message")) for e in entries if e.get("raised_exception")})
 
 
 def _example(table: str, row: dict[str, Any], config: Any) -> str:

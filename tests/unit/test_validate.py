@@ -211,3 +211,15 @@ def test_dataset_written_by_ingest_passes(yolo_dataset: Path, tmp_path: Path) ->
     summary = validate(ValidateConfig(dataset=yolo_dataset, report=tmp_path / "r",
                                       min_instances_per_class=MinInstances(train=1, val=1, test=1)))
     assert summary.success and summary.n_images > 0 and summary.n_boxes >= summary.n_images
+
+
+def test_an_expectation_that_cannot_run_fails_with_its_reason() -> None:
+    import great_expectations.expectations as gxe
+    import pandas as pd
+
+    from training.validate import run_suites
+
+    broken = gxe.ExpectColumnValuesToBeBetween(column="nope", min_value=0, meta={"name": "typo"})
+    [outcome] = run_suites({"images": pd.DataFrame({"image": ["a.jpg"], "x": [1]})}, {"images": [broken]})
+    assert not outcome.success
+    assert outcome.observed == 'could not run: Error: The column "nope" in BatchData does not exist.'
