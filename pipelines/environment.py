@@ -83,8 +83,10 @@ def configure_ultralytics() -> None:
     configure()
     from ultralytics import settings
 
-    wanted = {"mlflow": False, "dvc": False, "sync": False, "hub": False, "wandb": False,
-              "tensorboard": False, "clearml": False, "comet": False, "neptune": False, "raytune": False}
+    integrations = ("mlflow", "dvc", "sync", "hub", "wandb", "tensorboard", "clearml", "comet", "neptune",
+                    "raytune")
+    # Only the keys this ultralytics release knows: `update` refuses unknown ones.
+    wanted = {k: False for k in integrations if k in settings.defaults}
     current = {k: settings.get(k) for k in wanted}
     if current != wanted:
         settings.update(wanted)
