@@ -115,6 +115,7 @@ def labeling_config_xml(classes: list[str]) -> str:
 
 def synthesize(cfg: SynthesizeConfig) -> Path:
     """Write the synthetic project (images, labeling config, export, ground truth) into `cfg.out`."""
+    from rich.console import Console
     from rich.progress import Progress
 
     _check(cfg)
@@ -126,7 +127,7 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
     plan = _messiness_plan(cfg)
     tasks, truths, written = [], {}, set()
     annotation_ids = itertools.count(1)
-    with Progress(transient=True) as progress:
+    with Progress(console=Console(stderr=True), transient=True) as progress:  # stdout stays clean
         job = progress.add_task(f"synthesizing {cfg.n_images} images", total=cfg.n_images)
         for index in range(cfg.n_images):
             sample = _render(cfg, index, plan)
