@@ -189,10 +189,76 @@ def evaluate(
 
 # --------------------------------------------------------------------------- registry
 # (register, promote, rollback, mlflow-ui go here)
+@app.command()
+@user_errors
+def register(
+    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="evaluated model folder")] = None,
+    evaluation: Annotated[Optional[Path], typer.Option(help="evaluate's report folder (metrics.json, coco_*.json)")] = None,
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="registered model name")] = None,
+) -> None:
+    """Gate the evaluated model, register it as a new version (@challenger) and promote it to
+    @champion when every gate passes. Failed gates exit 0: the verdict is in gates.json."""
+    from evaluation.registry import register as run
+
+    cfg = load_section("register", model_dir=model_dir, evaluation=evaluation, model_name=model_name)
+    run(cfg, load_section("evaluate"))
+
+
+@app.command()
+@user_errors
+def promote(
+    version: Annotated[str, typer.Argument(help="model version to make the champion")],
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="registered model name")] = None,
+) -> None:
+    """Point @champion at VERSION by hand (the previous champion is recorded for rollback)."""
+    from evaluation.registry import promote as run
+
+    run(load_section("register", model_name=model_name).model_name, version)
+
+
+@app.command()
+@user_errors
+def rollback(
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="registered model name")] = None,
+) -> None:
+    """Point @champion back at the champion it replaced."""
+    from evaluation.registry import rollback as run
+
+    run(load_section("register", model_name=model_name).model_name)
+
+
+@app.command("mlflow-ui")
+@user_errors
+def mlflow_ui(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 5000,
+) -> None:
+    """Run the MLflow UI on the project's tracking store (runs, models, aliases)."""
+    from evaluation.registry import mlflow_ui as run
+
+    code = run(host, port)
+    if code:
+        raise typer.Exit(code)
 
 
 # --------------------------------------------------------------------------- serving
 # (build goes here)
+@app.command()
+@user_errors
+def build(
+    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="import this local model folder "
+                                                      "instead of the registry's serve.alias version")] = None,
+    alias: Annotated[Optional[str], typer.Option(help="registry alias to serve (default serve.alias)")] = None,
+    bento: Annotated[bool, typer.Option(help="also build the bento (--no-bento: import the model only)")] = True,
+) -> None:
+    """Import the model into BentoML's store and build the bento (serve: bentoml serve serving.service:Detector)."""
+    from serving.build import build as run
+
+    cfg = load_section("serve", alias=alias)
+    result = run(cfg, model_dir=model_dir, bento=bento)
+    source = "local folder" if model_dir else f"{cfg.model_name}@{cfg.alias} v{result.labels['registry_version']}"
+    typer.echo(f"model {result.model_tag} ({source})" + (f"; bento {result.bento_tag}" if result.bento_tag else ""))
+
 
 
 # --------------------------------------------------------------------------- monitoring

@@ -1,0 +1,98 @@
+"""The registry's model: an MLflow pyfunc that wraps the shared `serving.runtime.ModelRuntime`.
+
+Input: a pandas DataFrame with one row per image and a column `image` holding the *encoded* image
+bytes (JPEG, PNG, ... as read from a file; EXIF orientation is applied). Over MLflow's REST scoring
+server the bytes travel base64-encoded, as MLflow does for every `binary` column.
+
+Params (optional, per call): `conf`, `iou`, `max_det`; their defaults are the model card's thresholds.
+`conf` filters on the calibrated confidence.
+
+Output: a DataFrame with one row per detection, columns `OUTPUT_COLUMNS`: `image_index` (the input
+row), the box `x1, y1, x2, y2` in pixels of the original image, `class_id`, `class_name`,
+`confidence` (calibrated) and `raw_confidence` (the model's score).
+
+The logged model carries its code (this module, `serving/runtime.py`, `serving/calibrator.py`,
+`pipelines/types.py`, `pipelines/errors.py`), so `mlflow.pyfunc.load_model` works in an environment
+with numpy, pandas, pillow, pydantic, pyyaml, opencv and onnxruntime but without the repository.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlflow.pyfunc
+
+MODEL_DIR_ARTIFACT = "model_dir"  # the artifact key: a folder with model.onnx, model_card.json, calibrator.json
+INPUT_COLUMN = "image"
+OUTPUT_COLUMNS = ["image_index", "x1", "y1", "x2", "y2", "class_id", "class_name", "confidence",
+                  "raw_confidence"]
+
+
+def decode_image(data: bytes, index: int) -> Any:
+    """Encoded image bytes -> RGB uint8 HxWx3 array, after the EXIF orientation (as labels see it)."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from pipelines.errors import DetopsError
+
+    if not isinstance(data, (bytes, bytearray)):
+        raise DetopsError(f"row {index}: column '{INPUT_COLUMN}' must hold encoded image bytes, "
+                          f"got {type(data).__name__}")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    # ImportError: when ultralytics is loaded in the same process it patches Image.open to retry
+    # undecodable bytes with the optional pi_heif plugin, which is not installed.
+    except (UnidentifiedImageError, OSError, ImportError):
+        raise DetopsError(f"row {index}: not a decodable image") from None
+
+
+class DetectorPyfunc(mlflow.pyfunc.PythonModel):
+    """Object detector over encoded images; see the module docstring for the input and output."""
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Build the shared runtime from the logged model folder."""
+        from serving.runtime import ModelRuntime
+
+        self.runtime = ModelRuntime.load(context.artifacts[MODEL_DIR_ARTIFACT])
+
+    # No type hints on predict: MLflow would read them as a (list-based) schema and warn.
+    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+        """Detections of every image of `model_input` (DataFrame with column `image`), one row each."""
+        import pandas as pd
+
+        from pipelines.errors import DetopsError
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if INPUT_COLUMN not in frame.columns:
+            raise DetopsError(f"the input needs a column '{INPUT_COLUMN}' (got {list(frame.columns)})")
+        images = [decode_image(data, i) for i, data in enumerate(frame[INPUT_COLUMN])]
+        params = params or {}
+        detections = self.runtime.predict(images, conf=params.get("conf"), iou=params.get("iou"),
+                                          max_det=params.get("max_det"))
+        names = self.runtime.class_names
+        rows = [(i, d.box.x1, d.box.y1, d.box.x2, d.box.y2, d.class_id, names[d.class_id], d.confidence,
+                 d.raw_confidence)
+                for i, per_image in enumerate(detections) for d in per_image]
+        out = pd.DataFrame(rows, columns=OUTPUT_COLUMNS)
+        # Typed even when empty, so the output always matches the logged signature.
+        return out.astype({"image_index": "int64", "x1": "float64", "y1": "float64", "x2": "float64",
+                           "y2": "float64", "class_id": "int64", "class_name": "str",
+                           "confidence": "float64", "raw_confidence": "float64"})
+
+
+def signature(card: Any) -> Any:
+    """The model signature: the `image` bytes column in, the detection columns out, and the
+    `conf`/`iou`/`max_det` params with the card's thresholds as defaults."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    outputs = Schema([ColSpec("long", "image_index"), *(ColSpec("double", c) for c in ("x1", "y1", "x2", "y2")),
+                      ColSpec("long", "class_id"), ColSpec("string", "class_name"),
+                      ColSpec("double", "confidence"), ColSpec("double", "raw_confidence")])
+    params = ParamSchema([ParamSpec("conf", "double", card.thresholds.conf),
+                          ParamSpec("iou", "double", card.thresholds.iou),
+                          ParamSpec("max_det", "long", card.thresholds.max_det)])
+    return ModelSignature(inputs=Schema([ColSpec("binary", INPUT_COLUMN)]), outputs=outputs, params=params)
