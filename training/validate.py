@@ -75,26 +75,25 @@ def annotated_sizes(dataset: YoloDataset) -> dict[str, tuple[int, int]]:
     report = dataset.root / "ingest_report.json"
     if not report.exists():
         return {}
-    try:
-        entries = json.loads(report.read_text()).get("images", [])
-    except (json.JSONDecodeError, AttributeError) as exc:
-        raise DetopsError(f"{report}: not a valid ingest report ({exc})") from None
     sizes = {}
-    for entry in entries:
-        if entry.get("original_width") and entry.get("original_height"):
-            key = f"{entry['split']}/{Path(entry['image']).name}"
-            sizes[key] = (int(entry["original_width"]), int(entry["original_height"]))
+    try:
+        for entry in json.loads(report.read_text()).get("images", []):
+            if entry.get("original_width") and entry.get("original_height"):
+                key = f"{entry['split']}/{Path(entry['image']).name}"
+                sizes[key] = (int(entry["original_width"]), int(entry["original_height"]))
+    except (ValueError, AttributeError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise DetopsError(f"{report}: unreadable per-image sizes ({type(exc).__name__}: {exc})") from None
     return sizes
 
 
-def _decode(path: Path) -> tuple[int, int, str | None]:
-    """(width, height, None) as displayed, or (0, 0, why) when the image does not decode."""
+def _decode(path: Path) -> tuple[int | None, int | None, str | None]:
+    """(width, height, None) as displayed, or (None, None, why) when the image does not decode."""
     from labeling.ingest import oriented_size
 
     try:
         return (*oriented_size(path), None)
     except DetopsError as exc:
-        return 0, 0, str(exc)
+        return None, None, str(exc)
 
 
 def build_tables(dataset: YoloDataset, cfg: ValidateConfig) -> dict[str, Any]:

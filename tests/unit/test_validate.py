@@ -223,3 +223,10 @@ def test_an_expectation_that_cannot_run_fails_with_its_reason() -> None:
     [outcome] = run_suites({"images": pd.DataFrame({"image": ["a.jpg"], "x": [1]})}, {"images": [broken]})
     assert not outcome.success
     assert outcome.observed == 'could not run: Error: The column "nope" in BatchData does not exist.'
+
+
+def test_unreadable_ingest_report_is_named(clean: Path) -> None:
+    (clean / "ingest_report.json").write_text('{"images": [{"image": "t1.jpg", "original_width": 120, '
+                                              '"original_height": 80}]}')  # no split
+    with pytest.raises(DetopsError, match=r"ingest_report.json: unreadable per-image sizes \(KeyError: 'split'\)"):
+        validate(cfg(clean))
