@@ -174,7 +174,7 @@ def _preview_picks(train: list[Path], copies: int) -> set[tuple[str, int]]:
 
 
 def _write_dataset(cfg: AugmentConfig, pipeline: Any, source: YoloDataset,
-                   root: Path) -> tuple[AugmentSummary, list]:
+                   root: Path) -> tuple[AugmentSummary, list[tuple[str, Any, list[YoloLabel]]]]:
     import cv2
     from rich.progress import track
 
@@ -201,7 +201,11 @@ def _write_dataset(cfg: AugmentConfig, pipeline: Any, source: YoloDataset,
     samples = []
     boxes_in = boxes_out = augmented = 0
     for image in track(train, description=f"augment train x{cfg.copies}", transient=True):
-        labels = source.labels(image)
+        try:
+            labels = source.labels(image)
+        except (ValueError, TypeError) as exc:  # a malformed line
+            raise DetopsError(f"{source.label_path(image)}: not a YOLO label file ({exc}); "
+                              "run `detops validate` first") from None
         out_image = target.image_dir("train") / image.name
         _link_or_copy(image, out_image)
         if source.label_path(image).exists():

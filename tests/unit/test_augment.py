@@ -210,6 +210,14 @@ def test_unknown_transform_or_bad_args_is_refused_before_writing(tmp_path: Path)
     assert not out.exists() and list(tmp_path.glob(".out*")) == []
 
 
+def test_malformed_label_file_is_named(tmp_path: Path) -> None:
+    ds = rect_dataset(tmp_path / "ds", [(20, 10, 70, 50)])
+    (ds / "labels/train/train0.txt").write_text("0 0.5 half 0.2 0.2\n")
+    with pytest.raises(DetopsError, match=r"labels/train/train0.txt: not a YOLO label file"):
+        augment(_cfg(ds, tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_is_replaced(tmp_path: Path) -> None:
     ds = rect_dataset(tmp_path / "ds", [(20, 10, 70, 50)])
     out = _mkdir(tmp_path / "out")
