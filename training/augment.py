@@ -88,7 +88,8 @@ def image_seed(seed: int, name: str, k: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{name}:{k}".encode()).digest()[:8], "little")
 
 
-def augment_image(pipeline: Any, image: Any, labels: list[YoloLabel], seed: int) -> tuple[Any, list[YoloLabel]]:
+def augment_image(pipeline: Any, image: Any, labels: list[YoloLabel],
+                  seed: int) -> tuple[Any, list[YoloLabel]]:
     """One augmented copy of an RGB image and its labels, drawn from `seed`."""
     import numpy as np
 
@@ -151,14 +152,14 @@ def write_preview(path: Path, samples: list[tuple[str, Any, list[YoloLabel]]], n
     for i, (name, rgb, labels) in enumerate(samples):
         h, w = rgb.shape[:2]
         scale = min((TILE_PX - 16) / w, (TILE_PX - 16) / h)
-        tile = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), (max(1, round(w * scale)), max(1, round(h * scale))),
-                          interpolation=cv2.INTER_AREA)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        tile = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), size, interpolation=cv2.INTER_AREA)
         tile = draw_labels(tile, labels, names)
         y, x = (i // cols) * TILE_PX, (i % cols) * TILE_PX
         grid[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
         caption = name if len(name) <= 38 else ".." + name[-36:]  # what fits under a tile
-        cv2.putText(grid, caption, (x + 2, y + TILE_PX - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (230, 230, 230), 1,
-                    cv2.LINE_AA)
+        cv2.putText(grid, caption, (x + 2, y + TILE_PX - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                    (230, 230, 230), 1, cv2.LINE_AA)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(path), grid):
         raise DetopsError(f"{path}: cannot write the preview")
@@ -191,9 +192,10 @@ def _write_dataset(cfg: AugmentConfig, pipeline: Any, source: YoloDataset,
         if split == "train":
             continue
         for image in source.images(split):
-            _link_or_copy(image, target.image_dir(split) / image.name)
+            copied = target.image_dir(split) / image.name
+            _link_or_copy(image, copied)
             if source.label_path(image).exists():
-                _link_or_copy(source.label_path(image), target.label_path(target.image_dir(split) / image.name))
+                _link_or_copy(source.label_path(image), target.label_path(copied))
             counts[split] += 1
 
     train = source.images("train") if "train" in source.splits else []

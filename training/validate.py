@@ -191,7 +191,8 @@ def build_suites(dataset: YoloDataset, cfg: ValidateConfig) -> dict[str, list[An
                   column="size_mismatch_px", min_value=0, max_value=tol),
             named(gxe.ExpectColumnValuesToBeBetween, "no image in two splits (same content hash)",
                   column="splits_with_same_content", max_value=1),
-            named(gxe.ExpectColumnDistinctValuesToContainSet, f"every split non-empty ({', '.join(dataset.splits)})",
+            named(gxe.ExpectColumnDistinctValuesToContainSet,
+                  f"every split non-empty ({', '.join(dataset.splits)})",
                   column="split", value_set=list(dataset.splits)),
         ],
         "class_counts": [
@@ -242,7 +243,8 @@ def _outcome(table: str, r: Any, n_rows: int) -> ExpectationOutcome:
         observed = f"{res['unexpected_count']} of {res.get('element_count', n_rows)} rows fail"
         examples = [_example(table, row, config) for row in (res.get("unexpected_index_list") or [])]
     elif "partial_missing_list" in res:  # distinct values must contain a set
-        observed = f"missing: {', '.join(map(str, res['partial_missing_list']))}" if not r.success else "all present"
+        missing = ", ".join(map(str, res["partial_missing_list"]))
+        observed = f"missing: {missing}" if not r.success else "all present"
         examples = []
     else:
         observed = str(res.get("observed_value"))

@@ -34,7 +34,8 @@ def _red_box(image_path: Path) -> tuple[float, float, float, float]:
     return (x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h
 
 
-def rect_dataset(root: Path, boxes: list[tuple[int, int, int, int]], size: tuple[int, int] = (200, 100)) -> Path:
+def rect_dataset(root: Path, boxes: list[tuple[int, int, int, int]],
+                 size: tuple[int, int] = (200, 100)) -> Path:
     """One PNG per split with solid red rectangles (pixel corners) on grey, labeled exactly."""
     w, h = size
     img = np.full((h, w, 3), 128, dtype=np.uint8)
@@ -85,7 +86,8 @@ def test_train_gets_copies_and_val_test_stay_untouched(yolo_dataset: Path, augme
     report = json.loads((out.parent / "augmented-report/augment.json").read_text())
     assert report["augmented_images"] == 2 * len(train)
     assert report["boxes_in"] == 2 * sum(len(source.labels(p)) for p in train)
-    assert report["boxes_out"] == sum(len(target.labels(p)) for p in target.images("train") if "_aug" in p.name)
+    augmented_images = [p for p in target.images("train") if "_aug" in p.name]
+    assert report["boxes_out"] == sum(len(target.labels(p)) for p in augmented_images)
 
 
 def test_preview_grid_is_written(augmented) -> None:
@@ -105,7 +107,7 @@ def test_boxes_stay_inside_the_image(augmented) -> None:
         assert lb.w > 0 and lb.h > 0
 
 
-def test_same_seed_same_bytes_and_order_does_not_matter(yolo_dataset: Path, augmented, tmp_path: Path) -> None:
+def test_same_seed_same_bytes(yolo_dataset: Path, augmented, tmp_path: Path) -> None:
     out, _ = augmented
     again = tmp_path / "again"
     augment(_cfg(yolo_dataset, again))
@@ -118,7 +120,8 @@ def test_same_seed_same_bytes_and_order_does_not_matter(yolo_dataset: Path, augm
 
 def _add_train_image(root: Path, name: str) -> None:
     for suffix, folder in ((".png", "images"), (".txt", "labels")):
-        (root / folder / "train" / f"{name}{suffix}").write_bytes((root / folder / "train" / f"train0{suffix}").read_bytes())
+        folder_path = root / folder / "train"
+        (folder_path / f"{name}{suffix}").write_bytes((folder_path / f"train0{suffix}").read_bytes())
 
 
 def test_an_image_s_copies_do_not_depend_on_the_others(tmp_path: Path) -> None:
@@ -156,13 +159,15 @@ def test_horizontal_flip_mirrors_the_box_exactly(tmp_path: Path) -> None:
     augment(_cfg(ds, out, transforms=[TransformSpec(name="HorizontalFlip", p=1)], copies=1))
     [label] = read_yolo_labels(out / "labels/train/train0_aug1.txt")
     assert (label.cx, label.cy, label.w, label.h) == pytest.approx((1 - 0.225, 0.3, 0.25, 0.4), abs=1e-6)
-    assert _red_box(out / "images/train/train0_aug1.png") == pytest.approx((label.cx, label.cy, label.w, label.h))
+    red = _red_box(out / "images/train/train0_aug1.png")
+    assert red == pytest.approx((label.cx, label.cy, label.w, label.h))
 
 
 def test_boxes_follow_the_object_under_random_affine(tmp_path: Path) -> None:
     ds = rect_dataset(tmp_path / "ds", [(80, 30, 120, 70)])
     out = tmp_path / "out"
-    transforms = [TransformSpec(name="Affine", p=1, args={"scale": [0.8, 1.2], "translate_percent": [-0.2, 0.2]})]
+    args = {"scale": [0.8, 1.2], "translate_percent": [-0.2, 0.2]}
+    transforms = [TransformSpec(name="Affine", p=1, args=args)]
     augment(_cfg(ds, out, transforms=transforms, copies=5))
     for k in range(1, 6):
         [label] = read_yolo_labels(out / f"labels/train/train0_aug{k}.txt")
@@ -199,8 +204,9 @@ def test_min_visibility_drops_boxes_mostly_outside_even_when_clipping(tmp_path: 
 def test_unknown_transform_or_bad_args_is_refused_before_writing(tmp_path: Path) -> None:
     ds = rect_dataset(tmp_path / "ds", [(20, 10, 70, 50)])
     out = tmp_path / "out"
-    with pytest.raises(DetopsError, match=r"augment.transforms\[1\] NoSuchFlip: not an albumentations transform"):
-        augment(_cfg(ds, out, transforms=[TransformSpec(name="HorizontalFlip"), TransformSpec(name="NoSuchFlip")]))
+    unknown = [TransformSpec(name="HorizontalFlip"), TransformSpec(name="NoSuchFlip")]
+    with pytest.raises(DetopsError, match=r"transforms\[1\] NoSuchFlip: not an albumentations transform"):
+        augment(_cfg(ds, out, transforms=unknown))
     with pytest.raises(DetopsError, match=r"augment.transforms\[0\] GaussNoise: bad args .*std_range"):
         augment(_cfg(ds, out, transforms=[TransformSpec(name="GaussNoise", args={"std_range": [2, 1]})]))
     with pytest.raises(DetopsError, match=r"augment.transforms\[0\] Blur: bad args .*'sigma' are not valid"):

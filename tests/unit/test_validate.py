@@ -186,7 +186,8 @@ def test_not_a_dataset(tmp_path: Path) -> None:
 
 def test_cli_exit_codes(clean: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"validate": {"min_instances_per_class": {"train": 2, "val": 1, "test": 1}}}))
+    thresholds = {"train": 2, "val": 1, "test": 1}
+    params.write_text(yaml.safe_dump({"validate": {"min_instances_per_class": thresholds}}))
     monkeypatch.setenv(PARAMS_ENV, str(params))  # restored after the test (the CLI sets it too)
     args = ["--params", str(params), "validate", "--dataset", str(clean), "--report", str(tmp_path / "r")]
     ok = CliRunner().invoke(app, args)
@@ -228,5 +229,6 @@ def test_an_expectation_that_cannot_run_fails_with_its_reason() -> None:
 def test_unreadable_ingest_report_is_named(clean: Path) -> None:
     (clean / "ingest_report.json").write_text('{"images": [{"image": "t1.jpg", "original_width": 120, '
                                               '"original_height": 80}]}')  # no split
-    with pytest.raises(DetopsError, match=r"ingest_report.json: unreadable per-image sizes \(KeyError: 'split'\)"):
+    with pytest.raises(DetopsError,
+                       match=r"ingest_report.json: unreadable per-image sizes \(KeyError: 'split'\)"):
         validate(cfg(clean))
