@@ -1,0 +1,262 @@
+"""The BentoML service for real: the session's tiny trained model imported with `detops build
+--model-dir` into a private BENTOML_HOME, `bentoml serve serving.service:Detector` as a subprocess on
+a free loopback port, then every endpoint over HTTP."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.fixtures import images
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_UPLOAD = 300_000
+MAX_BATCH_IMAGES = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A running service; yields its base URL, prediction-log folder and class names."""
+    tmp = tmp_path_factory.mktemp("serve")
+    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
+           "DETOPS_SERVE_PREDICTION_LOG": str(tmp / "predictions"), "DETOPS_SERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+           "DETOPS_SERVE_MAX_BATCH_IMAGES": str(MAX_BATCH_IMAGES), "DETOPS_SERVE_MAX_LATENCY_MS": "2000",
+           "DETOPS_SERVE_CACHE_ENTRIES": "64"}
+    built = subprocess.run([sys.executable, "-m", "pipelines.cli", "build", "--model-dir", str(trained_model_dir),
+                            "--no-bento"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    assert "detops-detector:" in built.stdout
+    port = _free_port()
+    log = open(tmp / "serve.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:Detector",
+                             "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("service not ready in 90 s:\n" + (tmp / "serve.log").read_text()[-3000:])
+        from serving.runtime import ModelCard
+
+        card = ModelCard.load(trained_model_dir / "model_card.json")
+        yield {"url": url, "log_dir": tmp / "predictions", "classes": card.classes, "serve_log": tmp / "serve.log"}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+def post(server: dict, route: str, files: list | dict, data: dict | None = None) -> httpx.Response:
+    return httpx.post(server["url"] + route, files=files, data=data, timeout=60)
+
+
+def check_detect_body(body: dict, width: int, height: int, classes: list[str]) -> None:
+    assert body["image"]["width"] == width and body["image"]["height"] == height
+    assert re.fullmatch(r"[0-9a-f]{64}", body["image"]["sha256"])
+    assert body["model"]["version"].startswith("local:") and body["model"]["name"]
+    for det in body["detections"]:
+        box = det["box"]
+        assert 0 <= box["x1"] <= box["x2"] <= width and 0 <= box["y1"] <= box["y2"] <= height
+        assert det["class_name"] == classes[det["class_id"]]
+        assert 0 <= det["confidence"] <= 1 and 0 <= det["raw_confidence"] <= 1
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"{name}(?:\{{(.*)\}})? ([0-9.e+-]+)$", line)
+        if m and all(f'{k}="{v}"' in (m.group(1) or "") for k, v in labels.items()):
+            total += float(m.group(2))
+    return total
+
+
+def test_detect_contract_and_cache(server: dict) -> None:
+    data = images.jpeg(160, 120, seed=3)
+    first = post(server, "/detect", {"image": ("x.jpg", data, "image/jpeg")}, {"conf": "0.001"})
+    assert first.status_code == 200, first.text
+    assert first.headers["x-cache"] == "miss"
+    body = first.json()
+    check_detect_body(body, 160, 120, server["classes"])
+    assert body["detections"], "conf 0.001 on a trained model should keep some boxes"
+    again = post(server, "/detect", {"image": ("other-name.png", data, "application/octet-stream")}, {"conf": "0.001"})
+    assert again.headers["x-cache"] == "hit" and again.json() == body
+    changed = post(server, "/detect", {"image": ("x.jpg", data)}, {"conf": "0.002"})
+    assert changed.headers["x-cache"] == "miss"
+    assert all(d["confidence"] > 0.002 for d in changed.json()["detections"])
+    limited = post(server, "/detect", {"image": ("x.jpg", data)}, {"conf": "0.001", "max_det": "1", "classes": "[0]"})
+    assert len(limited.json()["detections"]) <= 1
+    assert all(d["class_id"] == 0 for d in limited.json()["detections"])
+
+
+def test_detect_batch_keeps_order_and_count(server: dict) -> None:
+    sizes = [(64, 48), (100, 80), (90, 120)]
+    files = [("images", (f"{i}.png", images.png(w, h, seed=i))) for i, (w, h) in enumerate(sizes)]
+    resp = post(server, "/detect_batch", files)
+    assert resp.status_code == 200, resp.text
+    bodies = resp.json()
+    assert len(bodies) == 3
+    for body, (w, h) in zip(bodies, sizes):
+        check_detect_body(body, w, h, server["classes"])
+    assert resp.headers["x-cache"] == "miss,miss,miss"
+    too_many = [("images", (f"{i}.png", images.png(8, 8, seed=i))) for i in range(MAX_BATCH_IMAGES + 1)]
+    refused = post(server, "/detect_batch", too_many)
+    assert refused.status_code == 413
+    assert refused.json()["error"] == "too_many_images" and str(MAX_BATCH_IMAGES) in refused.json()["detail"]
+
+
+def test_render_returns_a_jpeg_of_the_image_size(server: dict) -> None:
+    resp = post(server, "/render", {"image": ("x.png", images.png(120, 90, seed=5))}, {"conf": "0.001"})
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(resp.content)) as im:
+        assert (im.format, im.size) == ("JPEG", (120, 90))
+        drawn = np.asarray(im.convert("RGB"), dtype=np.int16)
+    original = images.noise(120, 90, seed=5).astype(np.int16)
+    assert np.abs(drawn - original).mean() > 1  # boxes were drawn over the noise, not just re-encoded
+
+
+def test_async_task_round_trip(server: dict) -> None:
+    url = server["url"] + "/detect_async"
+    submitted = httpx.post(url + "/submit", files={"image": ("x.jpg", images.jpeg(70, 50))}, timeout=30)
+    assert submitted.status_code == 200, submitted.text
+    task_id = submitted.json()["task_id"]
+    deadline = time.monotonic() + 30
+    while (status := httpx.get(url + "/status", params={"task_id": task_id}).json()["status"]) in (
+            "in_progress", "pending") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert status == "completed", status
+    result = httpx.get(url + "/get", params={"task_id": task_id}, timeout=30)
+    check_detect_body(result.json(), 70, 50, server["classes"])
+
+
+def test_openapi_lists_the_endpoints(server: dict) -> None:
+    spec = httpx.get(server["url"] + "/docs.json").json()
+    for path in ("/detect", "/detect_batch", "/render", "/detect_async/submit"):
+        assert path in spec["paths"], path
+    assert httpx.get(server["url"] + "/").status_code == 200
+    assert httpx.get(server["url"] + "/livez").status_code == 200
+
+
+def test_concurrent_requests_form_batches(server: dict) -> None:
+    before = httpx.get(server["url"] + "/metrics").text
+    uploads = [images.png(64 + i, 48, seed=100 + i) for i in range(16)]
+    with cf.ThreadPoolExecutor(16) as pool:
+        codes = list(pool.map(lambda b: post(server, "/detect", {"image": ("x.png", b)}).status_code, uploads))
+    assert codes == [200] * 16
+    after = httpx.get(server["url"] + "/metrics").text
+    name = "bentoml_service_adaptive_batch_size"
+    calls = metric(after, name + "_count", method_name="infer") - metric(before, name + "_count", method_name="infer")
+    images_run = metric(after, name + "_sum", method_name="infer") - metric(before, name + "_sum", method_name="infer")
+    assert images_run == 16
+    assert calls < 16, f"16 concurrent requests ran in {calls:.0f} batches: no batching happened"
+    assert metric(after, "detops_detections_per_image_count") >= 16
+    assert metric(after, "detops_cache_requests_total", result="miss") >= 16
+    assert metric(after, "detops_model_info") == 1
+
+
+BAD = {
+    "truncated_jpeg": (lambda: {"image": ("t.jpg", images.truncated_jpeg())}, 422, "corrupt_image"),
+    "zero_bytes": (lambda: {"image": ("z.jpg", b"")}, 400, "empty_file"),
+    "plain_text": (lambda: {"image": ("t.jpg", images.TEXT)}, 415, "not_an_image"),
+    "bomb_header": (lambda: {"image": ("b.png", images.png_header_only(50_000, 50_000))}, 422, "too_many_pixels"),
+    "oversized": (lambda: {"image": ("big.png", b"\x89PNG" + os.urandom(MAX_UPLOAD + 10))}, 413, "file_too_large"),
+    "way_oversized": (lambda: {"image": ("big.png", os.urandom(MAX_UPLOAD + 200_000))}, 413, "file_too_large"),
+    "missing_field": (lambda: {"conf": (None, "0.5")}, 400, "missing_field"),  # multipart without the file
+    "misnamed_field": (lambda: {"file": ("x.jpg", images.jpeg())}, 400, "missing_field"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_a_json_4xx_and_the_service_stays_up(server: dict, case: str) -> None:
+    files, status, code = BAD[case]
+    resp = post(server, "/detect", files())
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert body["error"] == code and isinstance(body["detail"], str) and body["detail"]
+    if case in ("missing_field", "misnamed_field"):
+        assert "image" in body["detail"]
+    assert httpx.get(server["url"] + "/readyz").status_code == 200
+
+
+def test_bad_parameters_are_named(server: dict) -> None:
+    resp = post(server, "/detect", {"image": ("x.jpg", images.jpeg())}, {"conf": "2"})
+    assert resp.status_code == 400 and resp.json()["error"] == "invalid_parameter" and "conf" in resp.json()["detail"]
+    resp = post(server, "/detect", {"image": ("x.jpg", images.jpeg())}, {"classes": "[99]"})
+    assert resp.status_code == 422 and resp.json()["error"] == "unknown_class" and "99" in resp.json()["detail"]
+    resp = post(server, "/detect", {"image": (None, "http://127.0.0.1:1/x.jpg")})  # never fetched
+    assert resp.status_code == 400 and "image: expected an uploaded file" in resp.json()["detail"]
+    resp = httpx.post(server["url"] + "/detect", content=b"raw bytes", headers={"content-type": "image/jpeg"})
+    assert resp.status_code == 400 and "multipart/form-data" in resp.json()["detail"]
+    assert httpx.post(server["url"] + "/internal/infer", json={"batch": [[0]]}).status_code == 404
+
+
+def _exif_rotated() -> tuple[bytes, int, int]:
+    return images.exif_rotated_jpeg(80, 40), 40, 80
+
+
+ODD = {
+    "one_pixel": lambda: (images.one_pixel_png(), 1, 1),
+    "animated_gif": lambda: (images.animated_gif(40, 30), 40, 30),
+    "cmyk_jpeg": lambda: (images.cmyk_jpeg(50, 40), 50, 40),
+    "png16": lambda: (images.png16(32, 24)[0], 32, 24),
+    "rgba_png": lambda: (images.rgba_png(30, 20), 30, 20),
+    "exif_rotated": _exif_rotated,
+}
+
+
+@pytest.mark.parametrize("case", list(ODD))
+def test_odd_but_valid_images_are_served(server: dict, case: str) -> None:
+    data, width, height = ODD[case]()
+    resp = post(server, "/detect", {"image": ("f", data)}, {"conf": "0.001"})
+    assert resp.status_code == 200, resp.text
+    check_detect_body(resp.json(), width, height, server["classes"])
+    assert httpx.get(server["url"] + "/readyz").status_code == 200
+
+
+def test_predictions_are_logged(server: dict) -> None:
+    from monitoring.store import open_store
+
+    post(server, "/detect", {"image": ("x.jpg", images.jpeg(50, 50, seed=77))})
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        frame = open_store(server["log_dir"]).read()
+        if len(frame) >= 5:
+            break
+        time.sleep(0.5)
+    assert len(frame) >= 5
+    assert set(frame["width"]) >= {50}
+    assert frame["image_sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
