@@ -142,11 +142,6 @@ def augment(
 
 # --------------------------------------------------------------------------- model: train, tune
 # (verbs of training/ go here)
-
-
-# --------------------------------------------------------------------------- model: evaluate
-# (verbs of evaluation/evaluate.py go here)
-@app.command()
 @app.command()
 @user_errors
 def train(
@@ -168,6 +163,29 @@ def train(
     best = ", ".join(f"{k.removeprefix('metrics/')}={v:.3f}" for k, v in result.metrics.items())
     typer.echo(f"run {result.run_id}: {result.model_dir} ({best})")
 
+
+@app.command()
+@user_errors
+def tune(
+    n_trials: Annotated[Optional[int], typer.Option("--n-trials", help="trials to run in this invocation")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs per trial")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Optuna storage URL (sqlite:///..., postgresql://...)")] = None,
+    study_name: Annotated[Optional[str], typer.Option("--study-name", help="Optuna study (shared across machines)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="YAML file for the best train: params")] = None,
+) -> None:
+    """Optuna search over tune.space, each trial a real training (nested MLflow runs); writes the best params."""
+    from training.tune import tune as run
+
+    cfg = load_section("tune", n_trials=n_trials, epochs=epochs, storage=storage, study_name=study_name, out=out)
+    result = run(cfg, load_section("train"))
+    typer.echo(f"study {result.study_name}: {result.n_trials} trials, best mAP50-95 {result.best_value:.4f} "
+               f"{result.best_params} -> {result.out} (MLflow parent run {result.parent_run_id})")
+
+
+
+# --------------------------------------------------------------------------- model: evaluate
+# (verbs of evaluation/evaluate.py go here)
+@app.command()
 @user_errors
 def evaluate(
     model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="model folder (model.onnx, model_card.json)")] = None,
@@ -286,19 +304,3 @@ def purge(
 
 if __name__ == "__main__":
     app()
-@app.command()
-@user_errors
-def build(
-    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="import this local model folder "
-                                                      "instead of the registry's serve.alias version")] = None,
-    alias: Annotated[Optional[str], typer.Option(help="registry alias to serve (default serve.alias)")] = None,
-    bento: Annotated[bool, typer.Option(help="also build the bento (--no-bento: import the model only)")] = True,
-) -> None:
-    """Import the model into BentoML's store and build the bento (serve: bentoml serve serving.service:Detector)."""
-    from serving.build import build as run
-
-    cfg = load_section("serve", alias=alias)
-    result = run(cfg, model_dir=model_dir, bento=bento)
-    source = "local folder" if model_dir else f"{cfg.model_name}@{cfg.alias} v{result.labels['registry_version']}"
-    typer.echo(f"model {result.model_tag} ({source})" + (f"; bento {result.bento_tag}" if result.bento_tag else ""))
-
