@@ -29,7 +29,7 @@ SIZE_BUCKETS = ("small", "medium", "large")  # COCO area ranges: < 32², 32²..9
 def coco_ground_truth(dataset: YoloDataset, split: str) -> dict:
     """COCO ground-truth json of one split: images (id from 1, file name, width, height), one
     annotation per YOLO label (bbox xywh in pixels, area, iscrowd 0), categories in class-id order."""
-    from labeling.ingest import oriented_size
+    from pipelines.images import oriented_size
 
     paths = dataset.images(split)
     if not paths:

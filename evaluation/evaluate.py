@@ -22,20 +22,10 @@ from evaluation.calibration import (NotEnoughCalibrationData, assign_detections,
 from evaluation.coco import CocoMetrics, coco_detections, coco_ground_truth, coco_metrics, image_ids
 from pipelines.config import EvaluateConfig
 from pipelines.errors import DetopsError
+from pipelines.images import read_rgb
 from pipelines.types import Detection, YoloDataset
 
 CONFUSION_IOU = 0.5
-
-
-def load_rgb(path: Path) -> np.ndarray:
-    """An image file as displayed (EXIF orientation applied), RGB uint8 HxWx3."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DetopsError(f"image {path} cannot be decoded ({exc})") from None
 
 
 def predict_split(runtime: Any, dataset: YoloDataset, split: str, gt: dict,
@@ -50,7 +40,7 @@ def predict_split(runtime: Any, dataset: YoloDataset, split: str, gt: dict,
         task = progress.add_task(f"predicting {split}", total=len(paths))
         for start in range(0, len(paths), cfg.batch):
             chunk = paths[start:start + cfg.batch]
-            results = runtime.predict([load_rgb(p) for p in chunk], conf=cfg.conf, iou=cfg.iou,
+            results = runtime.predict([read_rgb(p) for p in chunk], conf=cfg.conf, iou=cfg.iou,
                                       max_det=cfg.max_det)
             for path, detections in zip(chunk, results):
                 predictions[ids[path.name]] = detections
@@ -129,7 +119,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     served = {i: _recalibrate(calibrator, dets, *sizes[i]) for i, dets in preds["test"].items()}
     n_classes = len(dataset.class_names)
     matrix = confusion_matrix(served, gts["test"], n_classes, runtime.card.thresholds.conf)
-    test_images = [load_rgb(p) for p in dataset.images("test")[:max(cfg.latency_batch_sizes)]]
+    test_images = [read_rgb(p) for p in dataset.images("test")[:max(cfg.latency_batch_sizes)]]
     latency = measure_latency(runtime, test_images, cfg.latency_batch_sizes, cfg.latency_repeats)
 
     metrics = {

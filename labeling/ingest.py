@@ -15,7 +15,6 @@ import json
 import math
 import re
 import shutil
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,11 +27,11 @@ from labeling.studio import load_labeling_config, resolve_image
 from pipelines.config import IngestConfig, SplitFractions
 from pipelines.environment import cache_dir
 from pipelines.errors import DetopsError
+from pipelines.files import atomic_dir
+from pipelines.images import oriented_size
 from pipelines.types import SPLITS, Box, YoloDataset, YoloLabel, write_yolo_labels
 
 REPORT_NAME = "ingest_report.json"
-EXIF_ORIENTATION = 0x0112
-_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 # --------------------------------------------------------------------------- report
@@ -184,22 +183,6 @@ def assign_splits(classes_of: dict[str, set[int]], fractions: SplitFractions, se
 
 
 # --------------------------------------------------------------------------- images
-def oriented_size(path: Path) -> tuple[int, int]:
-    """Decode the whole image (catching truncated files) and return its size as displayed, i.e.
-    after the EXIF orientation, which is the size Label Studio records."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            width, height = image.size
-            if image.getexif().get(EXIF_ORIENTATION) in _TRANSPOSED:
-                width, height = height, width
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise DetopsError(f"image {path} cannot be decoded ({exc})") from None
-    return width, height
-
-
 def _stable_name(content_hash: str, ref: str, source: Path) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(image_name(ref) or source.name).stem)[:80] or "image"
     return f"{content_hash[:12]}_{stem}{source.suffix.lower() or '.jpg'}"
@@ -393,25 +376,6 @@ def ingest(cfg: IngestConfig) -> IngestReport:
         raise DetopsError(f"{', '.join(map(str, cfg.exports))}: no usable labeled image "
                           f"(skipped: {json.dumps({k: len(v) for k, v in run.skipped.items()})})")
 
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(Path(cfg.out)) as tmp:
         run.write(tmp)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return run.report
-
-
-def _replace(new: Path, out: Path) -> None:
-    """Move `new` to `out`, replacing any previous `out` with two renames."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

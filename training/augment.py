@@ -21,7 +21,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -30,6 +29,8 @@ from typing import Any
 
 from pipelines.config import AugmentConfig
 from pipelines.errors import DetopsError
+from pipelines.files import atomic_dir
+from pipelines.images import read_rgb
 from pipelines.types import SPLITS, YoloDataset, YoloLabel, write_yolo_labels
 
 DROP_TOLERANCE = 0.05  # share of a box's area that may fall outside the image under bbox_rule "drop"
@@ -109,15 +110,6 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:  # another file system, or links not supported
         shutil.copy2(src, dst)
-
-
-def _read_rgb(path: Path) -> Any:
-    import cv2
-
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DetopsError(f"{path}: cannot be decoded (run `detops validate` first)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def draw_labels(image_bgr: Any, labels: list[YoloLabel], names: list[str]) -> Any:
@@ -212,7 +204,7 @@ def _write_dataset(cfg: AugmentConfig, pipeline: Any, source: YoloDataset,
         _link_or_copy(image, out_image)
         if source.label_path(image).exists():
             _link_or_copy(source.label_path(image), target.label_path(out_image))
-        rgb = _read_rgb(image) if cfg.copies or (image.name, 0) in picks else None
+        rgb = read_rgb(image) if cfg.copies or (image.name, 0) in picks else None
         if (image.name, 0) in picks:
             samples.append((image.name, rgb, labels))
         for k in range(1, cfg.copies + 1):
@@ -237,22 +229,13 @@ def _write_dataset(cfg: AugmentConfig, pipeline: Any, source: YoloDataset,
 def augment(cfg: AugmentConfig) -> AugmentSummary:
     """Write ``cfg.out``: train originals + augmented copies, val/test untouched; and the preview grid
     and ``augment.json`` under ``cfg.report``. An existing ``cfg.out`` is replaced only on success."""
-    from labeling.ingest import _replace
-
     start = time.perf_counter()
     source = YoloDataset.load(cfg.dataset)
     if Path(cfg.out).resolve() == source.root.resolve():
         raise DetopsError(f"augment.out ({cfg.out}) must differ from augment.dataset")
     pipeline = build_pipeline(cfg)  # a bad transform list is refused before any file is written
-    out = Path(cfg.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(Path(cfg.out)) as tmp:
         summary, samples = _write_dataset(cfg, pipeline, source, tmp)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     write_preview(cfg.report / "preview.png", samples, source.class_names)
     summary.seconds = round(time.perf_counter() - start, 2)
     (cfg.report / "augment.json").write_text(json.dumps(asdict(summary), indent=2))

@@ -88,7 +88,7 @@ def annotated_sizes(dataset: YoloDataset) -> dict[str, tuple[int, int]]:
 
 def _decode(path: Path) -> tuple[int | None, int | None, str | None]:
     """(width, height, None) as displayed, or (None, None, why) when the image does not decode."""
-    from labeling.ingest import oriented_size
+    from pipelines.images import oriented_size
 
     try:
         return (*oriented_size(path), None)
