@@ -39,9 +39,11 @@ test-unit: setup
 mlflow-ui: setup
 	$(BIN)/detops mlflow-ui --host $(HOST)
 
+# bentoml reads BENTOML_HOME before it imports the service: give it the store `detops build` wrote.
 serve: setup
 	$(BIN)/detops build
-	$(BIN)/bentoml serve serving.service:Detector --host $(HOST) --port 3000
+	BENTOML_HOME=$(CURDIR)/.cache/bentoml BENTOML_DO_NOT_TRACK=true \
+		$(BIN)/bentoml serve serving.service:Detector --host $(HOST) --port 3000
 
 loadtest: setup
 	$(PY) -m tests.load.run

@@ -51,7 +51,6 @@ def configure() -> None:
     os.environ.setdefault("BENTOML_HOME", str(root / "bentoml"))
     os.environ.setdefault("MPLCONFIGDIR", str(root / "matplotlib"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
-    _install_local_font(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
 
 
 def _install_local_font(folder: Path) -> None:
@@ -79,8 +78,9 @@ def _dejavu_font() -> Path:
 
 def configure_ultralytics() -> None:
     """Turn off ultralytics' own MLflow/DVC/HUB callbacks: one training must give one MLflow run,
-    logged by us. Call after `configure()` and before training."""
+    logged by us; and give it a local font. Call before training or plotting with ultralytics."""
     configure()
+    _install_local_font(Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics")
     from ultralytics import settings
 
     integrations = ("mlflow", "dvc", "sync", "hub", "wandb", "tensorboard", "clearml", "comet", "neptune",
