@@ -46,6 +46,16 @@ class SplitSummary(BaseModel):
     rebalanced: list[dict[str, str]] = []  # {"image", "from", "to", "class"} for each move
 
 
+class ImageEntry(BaseModel):
+    """One written image: where it went and the size its annotation was made on."""
+
+    split: str
+    image: str
+    task: int
+    original_width: int
+    original_height: int
+
+
 class IngestReport(BaseModel):
     """Everything ingest decided, written as `<out>/ingest_report.json`."""
 
@@ -70,6 +80,7 @@ class IngestReport(BaseModel):
     skipped_tasks: dict[str, list[int]] = {}
     skipped_regions: dict[str, RegionSkips] = {}
     split: SplitSummary
+    images: list[ImageEntry] = []  # read by `detops validate` to check decoded vs annotated sizes
 
 
 POLICY_TEXT = {
@@ -196,6 +207,8 @@ class _Image:
     labels: list[YoloLabel]
     task_id: int
     annotation: Annotation
+    width: int  # as annotated (checked equal to the decoded, EXIF-oriented size)
+    height: int
 
 
 # --------------------------------------------------------------------------- ingest
@@ -267,7 +280,8 @@ class _Ingest:
             raise DetopsError(f"{where}: {exc}") from None
         labels = [label for region in rects for label in self._labels(region, width, height, where)]
         content_hash = hashlib.sha256(source.read_bytes()).hexdigest()
-        image = _Image(content_hash, source, _stable_name(content_hash, ref, source), labels, task.id, annotation)
+        image = _Image(content_hash, source, _stable_name(content_hash, ref, source), labels, task.id, annotation,
+                       width, height)
         kept = self.images.get(content_hash)
         if kept is not None:
             winner = select_annotation([kept.annotation, annotation], self.cfg.annotator_policy)
@@ -336,6 +350,8 @@ class _Ingest:
             target = dataset.image_dir(split[h]) / image.name
             shutil.copyfile(image.source, target)
             write_yolo_labels(dataset.label_path(target), image.labels)
+            self.report.images.append(ImageEntry(split=split[h], image=image.name, task=image.task_id,
+                                                 original_width=image.width, original_height=image.height))
             for label in image.labels:
                 boxes[split[h]][self.class_names[label.class_id]] += 1
         report = self.report

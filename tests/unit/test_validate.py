@@ -212,6 +212,8 @@ def test_dataset_written_by_ingest_passes(yolo_dataset: Path, tmp_path: Path) ->
     summary = validate(ValidateConfig(dataset=yolo_dataset, report=tmp_path / "r",
                                       min_instances_per_class=MinInstances(train=1, val=1, test=1)))
     assert summary.success and summary.n_images > 0 and summary.n_boxes >= summary.n_images
+    [size] = [o for o in summary.outcomes if o.name.startswith("image size matches")]
+    assert size.success and not str(size.observed).startswith("not checked"), size.observed
 
 
 def test_an_expectation_that_cannot_run_fails_with_its_reason() -> None:
