@@ -126,8 +126,6 @@ class SQLiteStore:
 
     def read(self, since: datetime | None = None, last_n: int | None = None) -> pd.DataFrame:
         """See `PredictionStore.read`."""
-        import pandas as pd
-
         if last_n is not None and last_n < 1:
             raise DetopsError(f"last_n must be >= 1 (got {last_n})")
         query, args = "SELECT ts, request_id, image_sha256, width, height, model_name, model_version, " \
@@ -140,15 +138,12 @@ class SQLiteStore:
             query += " LIMIT ?"
             args.append(last_n)
         rows = self._connect().execute(query, args).fetchall()[::-1]
-        base = pd.DataFrame([r[:9] for r in rows], columns=BASE_COLUMNS)
-        base["ts"] = pd.to_datetime(base["ts"], unit="s", utc=True)
-        features = pd.DataFrame([json.loads(r[9]) for r in rows], index=base.index)
-        # width and height are both statistics and base columns: keep one copy.
-        features = features.drop(columns=[c for c in BASE_COLUMNS if c in features.columns])
-        emb = np.stack([np.frombuffer(r[10], dtype=np.float32) for r in rows]) if rows else np.empty((0, 0))
-        embedding = pd.DataFrame(emb, columns=[f"{EMBEDDING_PREFIX}{i}" for i in range(emb.shape[1])],
-                                 index=base.index)
-        return pd.concat([base, features, embedding], axis=1)
+        return records_frame([
+            PredictionRecord(ts=datetime.fromtimestamp(r[0], timezone.utc), request_id=r[1], image_sha256=r[2],
+                             width=r[3], height=r[4], model_name=r[5], model_version=r[6], detections=r[7],
+                             image_path=r[8], statistics=json.loads(r[9]), summary={},
+                             embedding=np.frombuffer(r[10], dtype=np.float32))
+            for r in rows])
 
     def purge_older_than(self, age: timedelta) -> int:
         """See `PredictionStore.purge_older_than`."""
@@ -189,6 +184,20 @@ class SQLiteStore:
                 raise OSError(f"cannot write {tmp}")
             tmp.replace(path)  # atomic: a reader never sees half an image
         return str(path)
+
+
+def records_frame(records: list[PredictionRecord]) -> pd.DataFrame:
+    """Records as the flat frame `PredictionStore.read` returns (also used for the reference profile)."""
+    import pandas as pd
+
+    base = pd.DataFrame([[getattr(r, c) for c in BASE_COLUMNS] for r in records], columns=BASE_COLUMNS)
+    base["ts"] = pd.to_datetime(base["ts"], utc=True)
+    features = pd.DataFrame([{**r.statistics, **r.summary, **r.extra} for r in records], index=base.index)
+    # width and height are both statistics and base columns: keep one copy.
+    features = features.drop(columns=[c for c in BASE_COLUMNS if c in features.columns])
+    emb = np.stack([np.asarray(r.embedding, dtype=np.float32) for r in records]) if records else np.empty((0, 0))
+    embedding = pd.DataFrame(emb, columns=[f"{EMBEDDING_PREFIX}{i}" for i in range(emb.shape[1])], index=base.index)
+    return pd.concat([base, features, embedding], axis=1)
 
 
 def open_store(location: str | Path) -> PredictionStore:

@@ -283,6 +283,27 @@ def build(
 # (simulate, drift, push, purge go here)
 @app.command()
 @user_errors
+def drift(
+    store: Annotated[Optional[Path], typer.Option(help="prediction store folder")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="reference parquet (default: the serving model's)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="report folder")] = None,
+    last_n: Annotated[Optional[int], typer.Option("--last-n", help="window: the last N logged images")] = None,
+    since: Annotated[Optional[str], typer.Option(help="window: logged since this ISO time")] = None,
+) -> None:
+    """Evidently drift report of a window of the prediction log vs the reference; exit 3 on drift."""
+    from monitoring.drift import run_drift
+
+    serve = load_section("serve")
+    cfg = load_section("drift", store=store, reference=reference, out=out, window_last_n=last_n,
+                       window_since=since)
+    result = run_drift(cfg, model_name=serve.model_name, alias=serve.alias)
+    typer.echo(f"no drift: {result.n_drifted}/{result.n_columns} columns drifted "
+               f"(share {result.drifted_share:.2f} < {cfg.drift_share}), window {result.window} "
+               f"({result.n_current} images); report {cfg.out / 'drift.html'}")
+
+
+@app.command()
+@user_errors
 def purge(
     store: Annotated[Optional[Path], typer.Option(help="prediction store (default serve.prediction_log)")] = None,
     older_than: Annotated[Optional[str], typer.Option("--older-than", help="retention age: 30d, 12h, 90m")] = None,

@@ -256,9 +256,13 @@ class ServeConfig(Section):
 class DriftConfig(Section):
     store: Path = Path("monitoring_store")
     out: Path = Path("reports/monitoring")
+    reference: Path | None = None  # None: the serving model version's MLflow artifact reference/reference.parquet
     window_last_n: int | None = Field(200, ge=1)
-    window_since: str | None = None
-    drift_share: float = Field(0.5, gt=0, le=1)
+    window_since: str | None = None  # ISO time, e.g. 2026-11-21T10:00 (UTC when no offset)
+    min_window: int = Field(100, ge=10)  # fewer logged images: an error, not a verdict
+    min_reference: int = Field(50, ge=10)
+    drift_share: float = Field(0.3, gt=0, le=1)  # share of drifted columns (embedding counts as one)
+    embedding_auc: float = Field(0.6, gt=0.5, le=1)  # domain-classifier ROC AUC above which embeddings drift
     seed: int = 0
 
 
