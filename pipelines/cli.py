@@ -283,6 +283,27 @@ def build(
 # (simulate, drift, push, purge go here)
 @app.command()
 @user_errors
+def simulate(
+    url: Annotated[str, typer.Option(help="base URL of the detection service, e.g. http://127.0.0.1:3000")],
+    n: Annotated[int, typer.Option("--n", help="number of images to send")] = 100,
+    shift: Annotated[Optional[str], typer.Option(help="drift: dark, blur, background, scale, unseen_class")] = None,
+    rate: Annotated[float, typer.Option(help="requests per second, at most")] = 5.0,
+    seed: Annotated[int, typer.Option(help="generator seed (differs from training: fresh images)")] = 1000,
+    timeout: Annotated[float, typer.Option(help="stop after this many seconds")] = 300.0,
+) -> None:
+    """POST synthetic images (in-distribution or shifted) to URL/detect; print the status codes."""
+    from monitoring.simulate import simulate as run
+
+    synth = load_section("synthesize", shift=shift)  # validates the shift name like the file would
+    result = run(url, n, shift=synth.shift, rate=rate, seed=seed, timeout_s=timeout, synth=synth)
+    codes = ", ".join(f"{code}: {count}" for code, count in sorted(result.status_codes.items()))
+    typer.echo(f"sent {result.sent} images in {result.seconds:.1f} s ({codes})")
+    if result.sent < n:
+        raise DetopsError(f"simulate: stopped after {timeout:g} s with {result.sent}/{n} images sent")
+
+
+@app.command()
+@user_errors
 def drift(
     store: Annotated[Optional[Path], typer.Option(help="prediction store folder")] = None,
     reference: Annotated[Optional[Path], typer.Option(help="reference parquet (default: the serving model's)")] = None,
