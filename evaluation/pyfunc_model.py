@@ -12,7 +12,7 @@ row), the box `x1, y1, x2, y2` in pixels of the original image, `class_id`, `cla
 `confidence` (calibrated) and `raw_confidence` (the model's score).
 
 The logged model carries its code (this module, `serving/runtime.py`, `serving/calibrator.py`,
-`pipelines/types.py`, `pipelines/errors.py`), so `mlflow.pyfunc.load_model` works in an environment
+`pipelines/types.py`, `pipelines/errors.py`, `pipelines/images.py`), so `mlflow.pyfunc.load_model` works in an environment
 with numpy, pandas, pillow, pydantic, pyyaml, opencv and onnxruntime but without the repository.
 """
 
@@ -28,27 +28,6 @@ OUTPUT_COLUMNS = ["image_index", "x1", "y1", "x2", "y2", "class_id", "class_name
                   "raw_confidence"]
 
 
-def decode_image(data: bytes, index: int) -> Any:
-    """Encoded image bytes -> RGB uint8 HxWx3 array, after the EXIF orientation (as labels see it)."""
-    import io
-
-    import numpy as np
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from pipelines.errors import DetopsError
-
-    if not isinstance(data, (bytes, bytearray)):
-        raise DetopsError(f"row {index}: column '{INPUT_COLUMN}' must hold encoded image bytes, "
-                          f"got {type(data).__name__}")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    # ImportError: when ultralytics is loaded in the same process it patches Image.open to retry
-    # undecodable bytes with the optional pi_heif plugin, which is not installed.
-    except (UnidentifiedImageError, OSError, ImportError):
-        raise DetopsError(f"row {index}: not a decodable image") from None
-
-
 class DetectorPyfunc(mlflow.pyfunc.PythonModel):
     """Object detector over encoded images; see the module docstring for the input and output."""
 
@@ -59,16 +38,22 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         self.runtime = ModelRuntime.load(context.artifacts[MODEL_DIR_ARTIFACT])
 
     # No type hints on predict: MLflow would read them as a (list-based) schema and warn.
-    def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN201
+    def predict(self, context, model_input, params=None):
         """Detections of every image of `model_input` (DataFrame with column `image`), one row each."""
         import pandas as pd
 
         from pipelines.errors import DetopsError
+        from pipelines.images import read_rgb
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if INPUT_COLUMN not in frame.columns:
             raise DetopsError(f"the input needs a column '{INPUT_COLUMN}' (got {list(frame.columns)})")
-        images = [decode_image(data, i) for i, data in enumerate(frame[INPUT_COLUMN])]
+        images = []
+        for i, data in enumerate(frame[INPUT_COLUMN]):
+            if not isinstance(data, (bytes, bytearray)):
+                raise DetopsError(f"row {i}: column '{INPUT_COLUMN}' must hold encoded image bytes, "
+                                  f"got {type(data).__name__}")
+            images.append(read_rgb(data, name=f"row {i}"))
         params = params or {}
         detections = self.runtime.predict(images, conf=params.get("conf"), iou=params.get("iou"),
                                           max_det=params.get("max_det"))

@@ -34,7 +34,7 @@ GATES_FILE = "gates.json"
 COPIED_RUN_TAGS = ("dataset_hash", "dataset_hash_source", "git_sha", "git_dirty")
 RUN_TAG_PREFIX = "detops."  # e.g. detops.feedback_batch, set by the monitoring loop on the training run
 # The modules the pyfunc model needs at load time, shipped with it as code (package layout kept).
-PYFUNC_CODE = ("pipelines/__init__.py", "pipelines/errors.py", "pipelines/types.py",
+PYFUNC_CODE = ("pipelines/__init__.py", "pipelines/errors.py", "pipelines/images.py", "pipelines/types.py",
                "serving/__init__.py", "serving/calibrator.py", "serving/runtime.py",
                "evaluation/__init__.py", "evaluation/pyfunc_model.py")
 PYFUNC_REQUIREMENTS = ("mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "opencv-python-headless",

@@ -102,9 +102,9 @@ def test_champion_pyfunc_predicts_like_the_runtime(evaluated: tuple[Path, Path],
     import mlflow
     import pandas as pd
 
-    from evaluation.evaluate import load_rgb
     from evaluation.pyfunc_model import OUTPUT_COLUMNS
     from evaluation.registry import register
+    from pipelines.images import read_rgb
     from serving.runtime import ModelRuntime
 
     name = "test-pyfunc"
@@ -114,7 +114,7 @@ def test_champion_pyfunc_predicts_like_the_runtime(evaluated: tuple[Path, Path],
     frame = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in paths]}), params={"conf": 0.001})
 
     assert list(frame.columns) == OUTPUT_COLUMNS
-    expected = ModelRuntime.load(evaluated[0]).predict([load_rgb(p) for p in paths], conf=0.001)
+    expected = ModelRuntime.load(evaluated[0]).predict([read_rgb(p) for p in paths], conf=0.001)
     assert len(frame) == sum(len(d) for d in expected) > 0
     flat = [(i, d) for i, dets in enumerate(expected) for d in dets]
     assert frame["image_index"].tolist() == [i for i, _ in flat]
@@ -122,7 +122,7 @@ def test_champion_pyfunc_predicts_like_the_runtime(evaluated: tuple[Path, Path],
     assert frame["x2"].tolist() == pytest.approx([d.box.x2 for _, d in flat])
     assert set(frame["class_name"]) <= set(model.unwrap_python_model().runtime.class_names)
 
-    with pytest.raises(DetopsError, match="row 0: not a decodable image"):
+    with pytest.raises(DetopsError, match="image row 0 cannot be decoded"):
         model.predict(pd.DataFrame({"image": [b"not an image"]}))
 
     # The logged code is enough: a fresh interpreter, outside the repository, imports the runtime
@@ -132,7 +132,7 @@ def test_champion_pyfunc_predicts_like_the_runtime(evaluated: tuple[Path, Path],
               "import serving.runtime as r; print(r.__file__); print(list(out.columns))")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          check=False, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     runtime_file, columns = done.stdout.strip().splitlines()[-2:]
     assert runtime_file.endswith("/code/serving/runtime.py")
@@ -148,7 +148,7 @@ def test_cli_register_exits_zero_when_gates_fail(evaluated: tuple[Path, Path], y
     from pipelines.cli import app
     from pipelines.config import PARAMS_ENV
 
-    model_dir, out = evaluated
+    out = evaluated[1]
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({
         "evaluate": EVALUATE.model_dump(mode="json"),
@@ -161,3 +161,39 @@ def test_cli_register_exits_zero_when_gates_fail(evaluated: tuple[Path, Path], y
 
     result = CliRunner().invoke(app, ["rollback"])
     assert result.exit_code == 1 and "no champion to roll back" in result.output
+
+
+def test_mlflow_ui_serves_the_project_store(evaluated: tuple[Path, Path], yolo_dataset: Path) -> None:
+    import signal
+    import socket
+    import time
+
+    import httpx
+
+    from evaluation.registry import mlflow_ui_command, register
+
+    register(_cfg("test-ui", evaluated, yolo_dataset, PASSING), EVALUATE)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = mlflow_ui_command("127.0.0.1", port)
+    assert command[command.index("--backend-store-uri") + 1] == os.environ["MLFLOW_TRACKING_URI"]
+    server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "mlflow-ui", "--port", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow ui did not come up"
+            time.sleep(1)
+        found = httpx.get(f"{base}/api/2.0/mlflow/registered-models/get", params={"name": "test-ui"}, timeout=10)
+        assert found.status_code == 200
+        assert {a["alias"] for a in found.json()["registered_model"]["aliases"]} == {"champion", "challenger"}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
+        server.wait(timeout=30)
