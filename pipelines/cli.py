@@ -325,6 +325,33 @@ def drift(
 
 @app.command()
 @user_errors
+def push(
+    store: Annotated[Optional[Path], typer.Option(help="prediction store folder")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="folder of <sha256>.png|.jpg when images are not kept")] = None,
+    labeling_config: Annotated[Optional[Path], typer.Option("--labeling-config", help="labeling config XML")] = None,
+    last_n: Annotated[Optional[int], typer.Option("--last-n", help="window: the last N logged images")] = None,
+    drifted: Annotated[bool, typer.Option("--drifted", help="the window drifted: push any image of it")] = False,
+    batch: Annotated[Optional[str], typer.Option(help="feedback batch id (default: a timestamp)")] = None,
+) -> None:
+    """Create Label Studio tasks (with pre-annotations) for images worth labeling from the log."""
+    from monitoring.feedback import push as run
+    from monitoring.store import open_store
+
+    cfg = load_section("push")
+    drift_cfg = load_section("drift", store=store, window_last_n=last_n)
+    xml_path = labeling_config or load_section("ingest").labeling_config
+    if xml_path is None or not Path(xml_path).is_file():
+        raise DetopsError(f"push: labeling config {xml_path} not found (pass --labeling-config)")
+    window = open_store(drift_cfg.store).read(last_n=drift_cfg.window_last_n)
+    result = run(window, cfg, labeling_config=Path(xml_path).read_text(), drifted=drifted, images=images,
+                 batch_id=batch)
+    where = f"project {result.project_id}" if result.project_id is not None else str(result.out)
+    typer.echo(f"batch {result.batch_id}: {result.created} tasks -> {where} "
+               f"({result.selected} selected, {result.skipped_existing} already there)")
+
+
+@app.command()
+@user_errors
 def purge(
     store: Annotated[Optional[Path], typer.Option(help="prediction store (default serve.prediction_log)")] = None,
     older_than: Annotated[Optional[str], typer.Option("--older-than", help="retention age: 30d, 12h, 90m")] = None,

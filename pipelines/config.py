@@ -271,7 +271,10 @@ class PushConfig(Section):
     max_per_run: int = Field(50, ge=1)
     max_per_day: int = Field(200, ge=1)
     low_conf: float = Field(0.4, ge=0, le=1)
-    out: Path = Path("reports/monitoring/labelstudio_import.json")
+    many_detections: int = Field(10, ge=1)
+    out: Path = Path("reports/monitoring/labelstudio_import.json")  # written when LABEL_STUDIO_URL is not set
+    state: Path = Path("reports/monitoring/push_state.json")  # pushed hashes and times (per-day limit)
+    document_root: Path = Path("monitoring_store")  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT of the server
 
 
 class Params(Section):

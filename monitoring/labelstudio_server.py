@@ -1,0 +1,89 @@
+"""A real Label Studio server for tests and the loop demo: installed into its own virtual environment
+(it wants pandas 3, which breaks Evidently in the project's), started on 127.0.0.1 with a known user
+and legacy API token, stopped by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from pipelines.environment import PROJECT_ROOT
+from pipelines.errors import DetopsError
+
+VERSION = "1.23.2"
+DEFAULT_VENV = PROJECT_ROOT / ".venv-labelstudio"
+
+
+def executable(venv: Path | str = DEFAULT_VENV) -> Path:
+    """The `label-studio` command of the venv."""
+    return Path(venv) / "bin" / "label-studio"
+
+
+def ensure_installed(venv: Path | str = DEFAULT_VENV, timeout_s: float = 900.0) -> Path:
+    """Create `venv` and pip-install label-studio==1.23.2 into it unless already there (~1 GB, minutes
+    the first time). Returns the `label-studio` executable."""
+    venv = Path(venv)
+    exe = executable(venv)
+    if exe.exists():
+        return exe
+    try:
+        if not (venv / "bin" / "python").exists():
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"label-studio=={VERSION}"],
+                       check=True, timeout=timeout_s)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        raise DetopsError(f"installing label-studio=={VERSION} into {venv} failed: {exc}") from None
+    return exe
+
+
+def start(data_dir: Path, port: int, username: str, password: str, token: str, *,
+          venv: Path | str = DEFAULT_VENV, document_root: Path | None = None,
+          timeout_s: float = 180.0) -> subprocess.Popen:
+    """Start Label Studio on 127.0.0.1:`port` with its data in `data_dir` and wait for /health.
+    `document_root` enables local-files serving from that folder (how `detops push` shares images)."""
+    import httpx
+
+    exe = executable(venv)
+    if not exe.exists():
+        raise DetopsError(f"{exe}: Label Studio is not installed (call ensure_installed)")
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+           "COLLECT_ANALYTICS": "false", "LATEST_VERSION_CHECK": "false"}
+    if document_root is not None:
+        env |= {"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
+                "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(Path(document_root).resolve())}
+    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - the child process owns it
+    process = subprocess.Popen(
+        [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+         "--username", username, "--password", password, "--user-token", token],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout_s
+    url = f"http://127.0.0.1:{port}/health"
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise DetopsError(f"Label Studio exited with code {process.returncode}; see {data_dir / 'server.log'}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    stop(process)
+    raise DetopsError(f"Label Studio did not answer {url} within {timeout_s:g} s; see {data_dir / 'server.log'}")
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """Stop the server started by `start`: SIGTERM to its own process group (its workers too), by PID."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)  # start_new_session=True: the group id is the PID
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout_s)
