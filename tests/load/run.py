@@ -1,0 +1,193 @@
+"""`make loadtest`: a bounded Locust run against a real, private BentoML service.
+
+1. the model folder (`models/` by default, the default pipeline's output) is imported with
+   `detops build --model-dir --no-bento` into a private BENTOML_HOME;
+2. `bentoml serve serving.service:Detector` starts on 127.0.0.1 on a free port (private prediction
+   log, result cache off by default so every request runs the model), and is ready at /readyz;
+3. Locust runs headless for a bounded time (tests/load/locustfile.py), writing
+   `<out>/locust_*.csv` and `<out>/locust.html`;
+4. the service is stopped by PID, a summary is printed, and the exit code is Locust's: 1 when an SLO
+   (p95 latency, failure ratio) is missed, which the locustfile decides in its `quitting` listener.
+
+Settings come from the `loadtest:` section of params.yaml (`LoadTestConfig`), then the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+IMAGES_ENV = "DETOPS_LOAD_IMAGES"  # a folder of images the locustfile sends instead of synthetic ones
+
+
+class LoadTestConfig(BaseModel):
+    """The `loadtest:` section of params.yaml (every key optional)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model_dir: Path = Path("models")
+    out: Path = Path("reports/load")
+    users: int = Field(8, ge=1)
+    spawn_rate: float = Field(4.0, gt=0)
+    run_time: str = Field("30s", pattern=r"^\d+[smh]$")  # Locust's -t syntax
+    max_p95_ms: float = Field(1500.0, gt=0)  # SLO: 95th percentile of every request's latency
+    max_failure_ratio: float = Field(0.01, ge=0, le=1)  # SLO: failed / all requests
+    batch_images: int = Field(4, ge=1)  # images per /detect_batch request
+    synthetic_images: int = Field(32, ge=1)  # synthetic images rendered at start-up (no dataset folder)
+    images: Path | None = None  # a folder of .jpg/.png images to send instead of the synthetic ones
+    cache: bool = False  # keep the service's result cache on (repeated images then skip the model)
+
+
+def load_config(params: Path | None = None) -> LoadTestConfig:
+    """The `loadtest:` section of params.yaml ($DETOPS_PARAMS or ./params.yaml); defaults when absent.
+
+    Read here rather than through pipelines.config until `Params` has a `loadtest` section."""
+    from pipelines.config import params_path
+    from pipelines.errors import DetopsError
+
+    file = params_path(params)
+    raw = yaml.safe_load(file.read_text()) if file.is_file() else None
+    section = (raw or {}).get("loadtest") or {}
+    try:
+        return LoadTestConfig.model_validate(section)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise DetopsError(f"{file}: loadtest.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+@dataclass(frozen=True)
+class SloVerdict:
+    """Whether a run met its SLOs, and why not."""
+
+    p95_ms: float
+    failure_ratio: float
+    requests: int
+    missed: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.missed
+
+
+def evaluate_slo(*, requests: int, failures: int, p95_ms: float, max_p95_ms: float,
+                 max_failure_ratio: float) -> SloVerdict:
+    """Compare a run's totals with the SLO thresholds; a run without a single request misses."""
+    ratio = failures / requests if requests else 1.0
+    missed = []
+    if not requests:
+        missed.append("no request completed")
+    if p95_ms > max_p95_ms:
+        missed.append(f"p95 latency {p95_ms:.0f} ms > {max_p95_ms:.0f} ms")
+    if ratio > max_failure_ratio:
+        missed.append(f"failure ratio {ratio:.2%} > {max_failure_ratio:.2%} ({failures}/{requests})")
+    return SloVerdict(p95_ms=p95_ms, failure_ratio=ratio, requests=requests, missed=missed)
+
+
+def locust_argv(cfg: LoadTestConfig, host: str) -> list[str]:
+    """The headless Locust command line for `cfg` against `host`."""
+    return [sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
+            "-u", str(cfg.users), "-r", str(cfg.spawn_rate), "-t", cfg.run_time,
+            "--csv", str(cfg.out / "locust"), "--html", str(cfg.out / "locust.html"), "--only-summary",
+            "--slo-p95-ms", str(cfg.max_p95_ms), "--slo-failure-ratio", str(cfg.max_failure_ratio),
+            "--batch-images", str(cfg.batch_images), "--synthetic-images", str(cfg.synthetic_images)]
+
+
+def run_locust(cfg: LoadTestConfig, host: str) -> int:
+    """Run Locust to completion (bounded by `cfg.run_time`); returns its exit code."""
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if cfg.images is not None:
+        env[IMAGES_ENV] = str(cfg.images.resolve())
+    seconds = int(cfg.run_time[:-1]) * {"s": 1, "m": 60, "h": 3600}[cfg.run_time[-1]]
+    # Generous margin for start-up (imports, image rendering); a hung run is killed.
+    return subprocess.run(locust_argv(cfg, host), cwd=ROOT, env=env, timeout=seconds + 180).returncode
+
+
+def print_summary(summary_file: Path, code: int) -> None:
+    """A table per endpoint (requests, failures, rps, p50/p95/p99 ms) and the SLO verdict, from the
+    summary the locustfile writes when Locust quits."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not summary_file.is_file():
+        console.print(f"[red]no summary ({summary_file}): Locust did not finish; exit code {code}[/]")
+        return
+    summary = json.loads(summary_file.read_text())
+    table = Table(title=f"Locust: {summary['users']} users, {summary['run_time_s']} s")
+    for col in ("endpoint", "requests", "failures", "req/s", "p50 ms", "p95 ms", "p99 ms", "max ms"):
+        table.add_column(col, justify="left" if col == "endpoint" else "right")
+    for row in summary["endpoints"] + [summary["total"]]:
+        table.add_row(row["name"], str(row["requests"]), str(row["failures"]), f"{row['rps']:.2f}",
+                      *(f"{row[k]:.0f}" for k in ("p50_ms", "p95_ms", "p99_ms", "max_ms")))
+    console.print(table)
+    for err in summary["errors"]:
+        console.print(f"  {err['occurrences']} x {err['error'][:300]}")
+    slo = summary["slo"]
+    status = "[green]met[/]" if slo["met"] else "[red]missed: " + "; ".join(slo["missed"]) + "[/]"
+    console.print(f"SLO (p95 <= {slo['max_p95_ms']:.0f} ms, failures <= {slo['max_failure_ratio']:.2%}): {status}")
+    console.print(f"reports: {summary_file.parent / 'locust.html'}, {summary_file.parent}/locust_*.csv; "
+                  f"exit code {code}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, start the service, run Locust, stop the service, summarize."""
+    from pipelines import environment
+    from pipelines.errors import DetopsError
+
+    environment.configure()
+    parser = argparse.ArgumentParser(prog="python -m tests.load.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", type=Path, help="model folder (default loadtest.model_dir: models)")
+    parser.add_argument("--users", type=int)
+    parser.add_argument("--spawn-rate", type=float)
+    parser.add_argument("--run-time", help="e.g. 30s, 2m")
+    parser.add_argument("--out", type=Path, help="report folder (default reports/load)")
+    parser.add_argument("--images", type=Path, help="folder of images to send instead of synthetic ones")
+    parser.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the service's result cache on")
+    args = parser.parse_args(argv)
+    try:
+        base = load_config()
+        updates = {k: v for k, v in vars(args).items() if v is not None}
+        cfg = LoadTestConfig.model_validate({**base.model_dump(), **updates})
+        if not (cfg.model_dir / "model.onnx").is_file():
+            raise DetopsError(f"{cfg.model_dir}: no model.onnx; run `make pipeline` first, or pass --model-dir DIR")
+        return _run(cfg)
+    except (DetopsError, ValidationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(cfg: LoadTestConfig) -> int:
+    from tests.serving_process import detector_service
+
+    overrides = {} if cfg.cache else {"DETOPS_SERVE_CACHE_ENTRIES": "0"}
+    with tempfile.TemporaryDirectory(prefix="detops-load-") as tmp:
+        workdir = Path(tmp)
+        try:
+            with detector_service(cfg.model_dir, workdir, overrides=overrides) as server:
+                print(f"service ready at {server.url} (pid {server.pid}); Locust for {cfg.run_time}, "
+                      f"{cfg.users} users", flush=True)
+                code = run_locust(cfg, server.url)
+        finally:
+            if (workdir / "serve.log").is_file():  # kept for post-mortems
+                cfg.out.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(workdir / "serve.log", cfg.out / "serve.log")
+    print_summary(cfg.out / "locust_summary.json", code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
