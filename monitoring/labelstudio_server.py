@@ -43,7 +43,8 @@ def ensure_installed(venv: Path | str = DEFAULT_VENV, timeout_s: float = 900.0) 
 def start(data_dir: Path, port: int, username: str, password: str, token: str, *,
           venv: Path | str = DEFAULT_VENV, document_root: Path | None = None,
           timeout_s: float = 180.0) -> subprocess.Popen:
-    """Start Label Studio on 127.0.0.1:`port` with its data in `data_dir` and wait for /health.
+    """Start Label Studio on 127.0.0.1:`port` with its data in `data_dir` and wait for /health; `token`
+    is the user's legacy API token (what LABEL_STUDIO_API_KEY carries).
     `document_root` enables local-files serving from that folder (how `detops push` shares images)."""
     import httpx
 
@@ -60,7 +61,8 @@ def start(data_dir: Path, port: int, username: str, password: str, token: str, *
     log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - the child process owns it
     process = subprocess.Popen(
         [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-         "--username", username, "--password", password, "--user-token", token],
+         "--username", username, "--password", password, "--user-token", token,
+         "--enable-legacy-api-token"],  # 1.23 disables legacy tokens by default: the SDK's api_key is one
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout_s
     url = f"http://127.0.0.1:{port}/health"
