@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 from pathlib import Path
+from typing import Annotated
 
 # At module level: FastAPI resolves the endpoint's annotations (strings here) in this namespace.
 from fastapi import FastAPI, File, UploadFile
@@ -33,7 +34,7 @@ def create_app(weights: Path, imgsz: int):
         return {"status": "ok"}
 
     @app.post("/detect")
-    async def detect(image: UploadFile = File(...)) -> dict:
+    async def detect(image: Annotated[UploadFile, File()]) -> dict:
         with Image.open(io.BytesIO(await image.read())) as im:
             rgb = np.asarray(im.convert("RGB"))
         result = model.predict(rgb[..., ::-1], imgsz=imgsz, verbose=False)[0]  # ultralytics wants BGR arrays

@@ -52,13 +52,11 @@ def bench_raw(model_dir: Path, images: list[np.ndarray], batch_sizes: list[int],
     results = {}
     for size in batch_sizes:
         batches = [[images[(start + i) % len(images)] for i in range(size)] for start in range(0, len(images), size)]
-
-        def full(k: int) -> None:
-            runtime.predict(batches[k % len(batches)])
-
         tensor, _ = runtime.preprocess(batches[0])
-        results[size] = {"full_images_per_s": size * _rate(full, min_seconds),
-                         "infer_images_per_s": size * _rate(lambda _k: runtime.infer(tensor), min_seconds)}
+        results[size] = {
+            "full_images_per_s": size * _rate(lambda k, b=batches: runtime.predict(b[k % len(b)]), min_seconds),
+            "infer_images_per_s": size * _rate(lambda _k, t=tensor: runtime.infer(t), min_seconds),
+        }
     return results
 
 
@@ -220,7 +218,8 @@ def print_report(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Piped output (make bench | tee) would be cut at 80 columns: the server table needs more.
+    console = Console() if sys.stdout.isatty() else Console(width=130)
     m, machine = report["model"], report["machine"]
     console.print(f"model {m['name']} imgsz {m['imgsz']} ({m['model_dir']}); {machine['cores']} cores, "
                   f"{machine['cpu']}")

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.load.run import IMAGES_ENV, evaluate_slo, load_config  # noqa: E402
+from tests.load.run import IMAGES_ENV, evaluate_slo, load_config
 
 CFG = load_config()
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -51,8 +51,6 @@ def _options(parser) -> None:
 @cache
 def traffic_images(synthetic: int) -> tuple[tuple[str, bytes], ...]:
     """(file name, bytes) of every image the users send, shuffled once with a fixed seed."""
-    from ultralytics.utils import ASSETS
-
     folder = os.environ.get(IMAGES_ENV)
     if folder:
         files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
@@ -60,6 +58,8 @@ def traffic_images(synthetic: int) -> tuple[tuple[str, bytes], ...]:
             raise SystemExit(f"{IMAGES_ENV}={folder}: no .jpg/.png images there")
         images = [(p.name, p.read_bytes()) for p in files]
     else:
+        from ultralytics.utils import ASSETS
+
         from tests.serving_process import synthetic_jpegs
 
         images = [(f"synthetic_{i:03d}.jpg", data) for i, data in enumerate(synthetic_jpegs(synthetic))]

@@ -112,7 +112,7 @@ def run_locust(cfg: LoadTestConfig, host: str) -> int:
         env[IMAGES_ENV] = str(cfg.images.resolve())
     seconds = int(cfg.run_time[:-1]) * {"s": 1, "m": 60, "h": 3600}[cfg.run_time[-1]]
     # Generous margin for start-up (imports, image rendering); a hung run is killed.
-    return subprocess.run(locust_argv(cfg, host), cwd=ROOT, env=env, timeout=seconds + 180).returncode
+    return subprocess.run(locust_argv(cfg, host), cwd=ROOT, env=env, timeout=seconds + 180, check=False).returncode
 
 
 def print_summary(summary_file: Path, code: int) -> None:
