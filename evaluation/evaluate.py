@@ -16,10 +16,20 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.calibration import (NotEnoughCalibrationData, assign_detections, calibrated, calibration_set,
-                                    dece, ece, fit_calibrator, ground_truth_boxes, plot_reliability,
-                                    reliability)
+from evaluation.calibration import (
+    NotEnoughCalibrationData,
+    assign_detections,
+    calibrated,
+    calibration_set,
+    dece,
+    ece,
+    fit_calibrator,
+    ground_truth_boxes,
+    plot_reliability,
+    reliability,
+)
 from evaluation.coco import CocoMetrics, coco_detections, coco_ground_truth, coco_metrics, image_ids
+from monitoring.reference import REFERENCE_FILE, build_reference, save_reference
 from pipelines.config import EvaluateConfig
 from pipelines.errors import DetopsError
 from pipelines.images import read_rgb
@@ -147,6 +157,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     _write_reliability_csv(test_set.raw_conf, conf_after, test_set.labels, cfg.dece_bins,
                            out / "reliability.csv")
     _write_confusion(matrix, [*dataset.class_names, "background"], out, runtime.card.thresholds.conf)
+    # What production traffic is compared with: the test split seen by the served (calibrated) model.
+    save_reference(build_reference(cfg.model_dir, cfg.dataset, "test"), out / REFERENCE_FILE)
     metrics["mlflow_run_id"] = _log_to_mlflow(runtime.card.run_id, metrics, out,
                                               Path(cfg.model_dir) / CALIBRATOR_FILE, cfg.experiment)
     return metrics

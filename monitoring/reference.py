@@ -12,26 +12,17 @@ from typing import TYPE_CHECKING
 from monitoring.logger import make_record
 from monitoring.store import PredictionRecord, records_frame
 from pipelines.errors import DetopsError
+from pipelines.images import read_rgb
 from pipelines.types import YoloDataset
 
 if TYPE_CHECKING:
-    import numpy as np
     import pandas as pd
 
     from serving.runtime import ModelRuntime
 
-REFERENCE_ARTIFACT = "reference/reference.parquet"  # where the evaluate stage logs it in MLflow
+REFERENCE_FILE = "reference.parquet"  # written by the evaluate stage next to metrics.json
+REFERENCE_ARTIFACT = f"evaluation/{REFERENCE_FILE}"  # where evaluate logs it on the training run
 BATCH = 16
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    """An image file as RGB uint8 (a DetopsError names unreadable files)."""
-    import cv2
-
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DetopsError(f"{path}: not a readable image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def featurize_files(runtime: ModelRuntime, paths: Sequence[Path], *, model_version: str = "reference",

@@ -52,10 +52,20 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
     from monitoring import labelstudio_server
     from monitoring.feedback import push
     from monitoring.logger import PredictionLogger
-    from monitoring.reference import read_rgb
     from monitoring.store import open_store
-    from pipelines.config import (AugmentConfig, EvaluateConfig, Gates, IngestConfig, MinInstances, PushConfig,
-                                  RegisterConfig, SynthesizeConfig, TrainConfig, ValidateConfig)
+    from pipelines.config import (
+        AugmentConfig,
+        EvaluateConfig,
+        Gates,
+        IngestConfig,
+        MinInstances,
+        PushConfig,
+        RegisterConfig,
+        SynthesizeConfig,
+        TrainConfig,
+        ValidateConfig,
+    )
+    from pipelines.images import read_rgb
     from serving.runtime import ModelCard, ModelRuntime
     from training.augment import augment
     from training.train import train

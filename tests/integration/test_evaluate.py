@@ -58,10 +58,10 @@ def test_evaluate_writes_reports_calibrator_and_logs_to_the_training_run(model_d
     assert written["n_test_images"] == len(gt["images"]) > 0
     # One entry per detection the artifact returns at the evaluation thresholds.
     runtime = ModelRuntime.load(model_dir, calibrated=False)
-    from evaluation.evaluate import load_rgb
+    from pipelines.images import read_rgb
 
     first = sorted((yolo_dataset / "images" / "test").iterdir())[0]
-    n_first = len(runtime.predict([load_rgb(first)], conf=0.001, iou=0.7, max_det=300)[0])
+    n_first = len(runtime.predict([read_rgb(first)], conf=0.001, iou=0.7, max_det=300)[0])
     first_id = next(i["id"] for i in gt["images"] if i["file_name"] == first.name)
     assert sum(d["image_id"] == first_id for d in dt) == n_first
     assert len(dt) == written["n_test_detections"]
@@ -78,7 +78,7 @@ def test_evaluate_writes_reports_calibrator_and_logs_to_the_training_run(model_d
     assert "test_dece_calibrated" in run.data.metrics
     assert metrics["mlflow_run_id"] == card.run_id
     artifacts = {a.path for a in mlflow.MlflowClient(mlflow_uri).list_artifacts(card.run_id, "evaluation")}
-    assert {"evaluation/metrics.json", "evaluation/calibrator.json"} <= artifacts
+    assert {"evaluation/metrics.json", "evaluation/calibrator.json", "evaluation/reference.parquet"} <= artifacts
 
 
 def test_missing_training_run_logs_to_a_new_run_with_a_warning(model_dir: Path, yolo_dataset: Path,

@@ -13,11 +13,12 @@ from typer.testing import CliRunner
 
 from monitoring.drift import compare, run_drift
 from monitoring.logger import PredictionLogger
-from monitoring.reference import build_reference, featurize_files, load_reference, read_rgb, save_reference
+from monitoring.reference import build_reference, featurize_files, load_reference, save_reference
 from monitoring.store import records_frame
 from pipelines.cli import app
 from pipelines.config import DriftConfig, IngestConfig, SplitFractions, SynthesizeConfig
 from pipelines.errors import DetopsError, DriftDetected
+from pipelines.images import read_rgb
 
 SIDES = {"min_side": 96, "max_side": 160}  # as the session's tiny model was trained on
 WINDOW = 110  # >= drift.min_window (100)
