@@ -277,6 +277,22 @@ class PushConfig(Section):
     document_root: Path = Path("monitoring_store")  # LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT of the server
 
 
+class LoadTestConfig(Section):
+    """`make loadtest`: Locust's load shape and the SLOs that set its exit code."""
+
+    model_dir: Path = Path("models")
+    out: Path = Path("reports/load")
+    users: int = Field(8, ge=1)
+    spawn_rate: float = Field(4.0, gt=0)
+    run_time: str = Field("30s", pattern=r"^\d+[smh]$")  # Locust's -t syntax
+    max_p95_ms: float = Field(1500.0, gt=0)  # SLO: 95th percentile of every request's latency
+    max_failure_ratio: float = Field(0.01, ge=0, le=1)  # SLO: failed / all requests
+    batch_images: int = Field(4, ge=1)  # images per /detect_batch request
+    synthetic_images: int = Field(32, ge=1)  # synthetic images rendered at start-up (no dataset folder)
+    images: Path | None = None  # a folder of .jpg/.png images to send instead of the synthetic ones
+    cache: bool = False  # keep the service's result cache on (repeated images then skip the model)
+
+
 class Params(Section):
     """All of params.yaml. Sections not written in the file take their defaults."""
 
@@ -291,6 +307,7 @@ class Params(Section):
     serve: ServeConfig = ServeConfig()
     drift: DriftConfig = DriftConfig()
     push: PushConfig = PushConfig()
+    loadtest: LoadTestConfig = LoadTestConfig()
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
 

@@ -24,47 +24,17 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pipelines.config import LoadTestConfig, load_section, override
+from pipelines.errors import DetopsError
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
 IMAGES_ENV = "DETOPS_LOAD_IMAGES"  # a folder of images the locustfile sends instead of synthetic ones
 
 
-class LoadTestConfig(BaseModel):
-    """The `loadtest:` section of params.yaml (every key optional)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-    model_dir: Path = Path("models")
-    out: Path = Path("reports/load")
-    users: int = Field(8, ge=1)
-    spawn_rate: float = Field(4.0, gt=0)
-    run_time: str = Field("30s", pattern=r"^\d+[smh]$")  # Locust's -t syntax
-    max_p95_ms: float = Field(1500.0, gt=0)  # SLO: 95th percentile of every request's latency
-    max_failure_ratio: float = Field(0.01, ge=0, le=1)  # SLO: failed / all requests
-    batch_images: int = Field(4, ge=1)  # images per /detect_batch request
-    synthetic_images: int = Field(32, ge=1)  # synthetic images rendered at start-up (no dataset folder)
-    images: Path | None = None  # a folder of .jpg/.png images to send instead of the synthetic ones
-    cache: bool = False  # keep the service's result cache on (repeated images then skip the model)
-
-
 def load_config(params: Path | None = None) -> LoadTestConfig:
-    """The `loadtest:` section of params.yaml ($DETOPS_PARAMS or ./params.yaml); defaults when absent.
-
-    Read here rather than through pipelines.config until `Params` has a `loadtest` section."""
-    from pipelines.config import params_path
-    from pipelines.errors import DetopsError
-
-    file = params_path(params)
-    raw = yaml.safe_load(file.read_text()) if file.is_file() else None
-    section = (raw or {}).get("loadtest") or {}
-    try:
-        return LoadTestConfig.model_validate(section)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise DetopsError(f"{file}: loadtest.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    """The `loadtest:` section of params.yaml ($DETOPS_PARAMS or ./params.yaml)."""
+    return load_section("loadtest", params)
 
 
 @dataclass(frozen=True)
@@ -145,7 +115,6 @@ def print_summary(summary_file: Path, code: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, start the service, run Locust, stop the service, summarize."""
     from pipelines import environment
-    from pipelines.errors import DetopsError
 
     environment.configure()
     parser = argparse.ArgumentParser(prog="python -m tests.load.run", description=__doc__.split("\n")[0])
@@ -159,13 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the service's result cache on")
     args = parser.parse_args(argv)
     try:
-        base = load_config()
-        updates = {k: v for k, v in vars(args).items() if v is not None}
-        cfg = LoadTestConfig.model_validate({**base.model_dump(), **updates})
+        cfg = override(load_config(), prefix="loadtest", **vars(args))
         if not (cfg.model_dir / "model.onnx").is_file():
             raise DetopsError(f"{cfg.model_dir}: no model.onnx; run `make pipeline` first, or pass --model-dir DIR")
         return _run(cfg)
-    except (DetopsError, ValidationError) as exc:
+    except DetopsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
