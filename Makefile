@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 HOST ?= 127.0.0.1
 
-.PHONY: setup lock pipeline test test-unit mlflow-ui serve loadtest bench loop-demo clean
+.PHONY: setup lock pipeline test test-unit mlflow-ui serve loadtest bench drift labelstudio loop-demo clean
 
 setup: $(STAMP)
 
@@ -51,8 +51,16 @@ loadtest: setup
 bench: setup
 	$(PY) -m tests.bench.serving_bench
 
-loop-demo: setup
+# The monitoring pipeline (pipelines/monitoring/dvc.yaml): exit 3 means drift was found.
+drift: setup
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro pipelines/monitoring/dvc.yaml
+
+# A local Label Studio server in its own venv (it needs pandas 3; the project pins pandas<3).
+labelstudio: setup
+	$(PY) -c "from monitoring.labelstudio_server import ensure_installed; ensure_installed()"
+
+loop-demo: labelstudio
 	$(PY) -m tests.integration.loop_demo
 
 clean:
-	rm -rf $(VENV) .cache
+	rm -rf $(VENV) .venv-labelstudio .cache

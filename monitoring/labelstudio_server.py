@@ -16,6 +16,8 @@ from pipelines.errors import DetopsError
 
 VERSION = "1.23.2"
 DEFAULT_VENV = PROJECT_ROOT / ".venv-labelstudio"
+# The server's exact dependency set (it wants pandas 3, so it cannot share the project's venv).
+SERVER_LOCK = PROJECT_ROOT / "requirements-labelstudio.lock"
 
 
 def executable(venv: Path | str = DEFAULT_VENV) -> Path:
@@ -24,7 +26,7 @@ def executable(venv: Path | str = DEFAULT_VENV) -> Path:
 
 
 def ensure_installed(venv: Path | str = DEFAULT_VENV, timeout_s: float = 900.0) -> Path:
-    """Create `venv` and pip-install label-studio==1.23.2 into it unless already there (~1 GB, minutes
+    """Create `venv` and pip-install label-studio (requirements-labelstudio.lock) into it unless already there (~1 GB, minutes
     the first time). Returns the `label-studio` executable."""
     venv = Path(venv)
     exe = executable(venv)
@@ -33,7 +35,7 @@ def ensure_installed(venv: Path | str = DEFAULT_VENV, timeout_s: float = 900.0) 
     try:
         if not (venv / "bin" / "python").exists():
             subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
-        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", f"label-studio=={VERSION}"],
+        subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "-r", str(SERVER_LOCK)],
                        check=True, timeout=timeout_s)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
         raise DetopsError(f"installing label-studio=={VERSION} into {venv} failed: {exc}") from None
