@@ -141,7 +141,6 @@ def augment(
 
 
 # --------------------------------------------------------------------------- model: train, tune
-# (verbs of training/ go here)
 @app.command()
 @user_errors
 def train(
@@ -182,9 +181,7 @@ def tune(
                f"{result.best_params} -> {result.out} (MLflow parent run {result.parent_run_id})")
 
 
-
 # --------------------------------------------------------------------------- model: evaluate
-# (verbs of evaluation/evaluate.py go here)
 @app.command()
 @user_errors
 def evaluate(
@@ -206,7 +203,6 @@ def evaluate(
 
 
 # --------------------------------------------------------------------------- registry
-# (register, promote, rollback, mlflow-ui go here)
 @app.command()
 @user_errors
 def register(
@@ -278,9 +274,7 @@ def build(
     typer.echo(f"model {result.model_tag} ({source})" + (f"; bento {result.bento_tag}" if result.bento_tag else ""))
 
 
-
 # --------------------------------------------------------------------------- monitoring
-# (simulate, drift, push, purge go here)
 @app.command()
 @user_errors
 def simulate(
