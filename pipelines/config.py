@@ -32,7 +32,7 @@ ShiftName = Literal["dark", "blur", "background", "scale", "unseen_class"]
 
 class SynthesizeConfig(Section):
     out: Path = Path("data/raw")
-    n_images: int = Field(500, ge=1)
+    n_images: int = Field(1200, ge=1)
     seed: int = 0
     classes: list[str] = ["square", "circle", "triangle", "star"]
     min_side: int = Field(256, ge=32)
@@ -50,9 +50,9 @@ class SynthesizeConfig(Section):
 
 
 class SplitFractions(Section):
-    train: float = Field(0.7, gt=0, lt=1)
-    val: float = Field(0.15, gt=0, lt=1)
-    test: float = Field(0.15, gt=0, lt=1)
+    train: float = Field(0.6, gt=0, lt=1)
+    val: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
 
     @model_validator(mode="after")
     def _sum_to_one(self) -> SplitFractions:
@@ -143,7 +143,7 @@ class TrainConfig(Section):
     model: str = "yolov8n.yaml"
     # A multiple of the max stride: ultralytics would silently round it up, and the card states it.
     imgsz: int = Field(160, ge=32, multiple_of=32)
-    epochs: int = Field(30, ge=1)
+    epochs: int = Field(12, ge=1)
     batch: int = Field(16, ge=1)
     lr0: float = Field(0.01, gt=0)
     optimizer: str = "AdamW"
