@@ -1,8 +1,5 @@
 """ASGI middleware in front of the service's routes:
 
-- the batched inference route is internal (the public endpoints call it through BentoML's in-process
-  client, which sends a per-process token): anyone else gets 404, so nobody can put a malformed tensor
-  into a batch that other requests share;
 - a request whose Content-Length is over what the endpoint can accept is refused with 413 before its
   body is read;
 - BentoML's own 400 for a request that does not match an endpoint's signature (missing or misnamed
@@ -12,17 +9,12 @@
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Callable
 from typing import Any
 
 from serving import metrics
 from serving.schemas import ErrorBody
 
-INTERNAL_ROUTE = "/internal/infer"
-INTERNAL_HEADER = "x-detops-internal"
-# Per process: a worker's public endpoints call its own app in-process, so they share this value.
-INTERNAL_TOKEN = secrets.token_hex(16)
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the files
 
 Scope = dict[str, Any]
@@ -39,11 +31,9 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        path, headers = scope["path"], dict(scope["headers"])
-        if path == INTERNAL_ROUTE and headers.get(INTERNAL_HEADER.encode()) != INTERNAL_TOKEN.encode():
-            return await _send_error(send, 404, "not_found", f"{path} is internal to the service")
+        path = scope["path"]
         limit = self.upload_limits.get(path)
-        length = headers.get(b"content-length", b"")
+        length = _header(scope, b"content-length") if limit is not None else b""
         if limit is not None and length.isdigit() and int(length) > limit + MULTIPART_SLACK:
             metrics.BAD_INPUT.labels(reason="file_too_large").inc()
             return await _send_error(send, 413, "file_too_large",
@@ -92,6 +82,13 @@ def _rewrite(body: bytes) -> bytes | None:
     code = "missing_field" if any(err.get("type") == "missing" for err in data["detail"]) else "invalid_parameter"
     metrics.BAD_INPUT.labels(reason=code).inc()
     return ErrorBody(error=code, detail="; ".join(problems)).model_dump_json().encode()
+
+
+def _header(scope: Scope, name: bytes) -> bytes:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value
+    return b""
 
 
 async def _send_error(send: Callable[..., Any], status: int, code: str, detail: str) -> None:

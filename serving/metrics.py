@@ -23,7 +23,14 @@ MODEL_INFO = Gauge(
     "detops_model_info", "The model this service serves (value 1)",
     ["name", "version", "alias", "bento_tag"], multiprocess_mode="livemax")
 CACHE = Counter("detops_cache_requests", "Result-cache lookups by outcome", ["result"])
-BAD_INPUT = Counter("detops_bad_input", "Requests refused for bad input, by reason", ["reason"])
+BAD_INPUT = Counter("detops_bad_input", "Requests refused for bad input (4xx), by reason", ["reason"])
+INFERENCE_ERRORS = Counter(
+    "detops_inference_errors",
+    "Requests answered 5xx (overloaded, inference_failed, internal_error), by reason", ["reason"])
+INFERENCE_BATCH_SIZE = Histogram(
+    "detops_inference_batch_size",
+    "Images per ONNX Runtime call of the in-process batcher (one observation per batch)",
+    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128))
 
 
 def observe_detections(detections: Sequence[Detection]) -> None:

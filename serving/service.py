@@ -1,23 +1,25 @@
 """The BentoML service: `bentoml serve serving.service:Detector` (from the repository root).
 
 Public endpoints validate and decode uploads themselves (serving/imaging.py), so a bad file is a 4xx
-for its own request only, then send the letterboxed pixels to `infer`, BentoML's adaptive-batching
-API: concurrent requests (and the images of one /detect_batch call) run as one ONNX batch, and each
-request post-processes its own slice with its own thresholds. Settings: params.yaml `serve:` and
+for its own request only, then hand the letterboxed pixels to the worker's in-process adaptive
+batcher (serving/batching.py, BentoML's CorkDispatcher without the HTTP self-call): concurrent
+requests (and the images of one /detect_batch call) run as one ONNX batch, and each request
+post-processes its own slice with its own thresholds. Settings: params.yaml `serve:` and
 DETOPS_SERVE_* variables (serving/settings.py); the model: `detops build` (serving/build.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated
 
 import bentoml
 import numpy as np
-from bentoml.exceptions import BentoMLException
-from bentoml.validators import ContentType, DType
+from bentoml.validators import ContentType
 from starlette.responses import JSONResponse, Response
 
 from pipelines import environment
@@ -26,16 +28,32 @@ environment.configure()
 
 from pipelines.types import Detection  # noqa: E402
 from serving import metrics  # noqa: E402
+from serving.batching import InferenceBatcher, InferenceFailed, Overloaded  # noqa: E402
 from serving.cache import ResultCache, cache_key  # noqa: E402
 from serving.forms import DetectBatchInput, DetectInput  # noqa: E402
-from serving.guard import INTERNAL_HEADER, INTERNAL_ROUTE, INTERNAL_TOKEN, RequestGuard  # noqa: E402
+from serving.guard import RequestGuard  # noqa: E402
 from serving.imaging import DecodedImage, RequestRejected, check_size, decode_image  # noqa: E402
 from serving.render import draw_detections, encode_jpeg  # noqa: E402
-from serving.runtime import ModelRuntime, letterbox  # noqa: E402
+from serving.runtime import LetterboxMeta, ModelRuntime, letterbox  # noqa: E402
 from serving.schemas import DetectResponse, ModelInfo, detect_response, error_response  # noqa: E402
 from serving.settings import load_serve_config, ort_threads  # noqa: E402
 
 CFG = load_serve_config()
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Prepared:
+    """A request's images after decoding: cache keys and hits (None: a miss), and the misses
+    letterboxed into one uint8 (n, S, S, 3) stack with where each image sits in it."""
+
+    decoded: list[DecodedImage]
+    found: list[tuple[Detection, ...] | None]
+    keys: list[tuple] = field(default_factory=list)  # empty when the cache is off
+    hits: list[bool] = field(default_factory=list)
+    batch: np.ndarray | None = None  # None when every image was a cache hit
+    metas: list[LetterboxMeta] = field(default_factory=list)
+
 
 @bentoml.service(name="detector", workers=CFG.workers, traffic={"timeout": CFG.timeout_s})
 class Detector:
@@ -56,6 +74,10 @@ class Detector:
         self.cache: ResultCache[tuple[Detection, ...]] = ResultCache(CFG.cache_entries)
         self.pred_log = PredictionLogger(CFG.prediction_log, class_names=self.runtime.class_names,
                                          keep_images=CFG.keep_images)
+        # One adaptive batcher per worker; its dispatcher starts inside the event loop on first use.
+        self.batcher = InferenceBatcher(self._infer_letterboxed, max_batch_size=CFG.max_batch_size,
+                                        max_latency_ms=CFG.max_latency_ms,
+                                        on_batch=metrics.INFERENCE_BATCH_SIZE.observe)
         # Ready only once a real inference went through the model.
         size = self.runtime.card.imgsz
         self.runtime.predict([np.full((size, size, 3), 114, np.uint8)])
@@ -65,15 +87,9 @@ class Detector:
         return self.ready
 
     @bentoml.on_shutdown
-    def _close_log(self) -> None:
+    def _close(self) -> None:
+        self.batcher.close()
         self.pred_log.close()
-
-    @bentoml.api(route=INTERNAL_ROUTE, batchable=True, batch_dim=0, max_batch_size=CFG.max_batch_size,
-                 max_latency_ms=CFG.max_latency_ms)
-    def infer(self, batch: Annotated[np.ndarray, DType("uint8")]) -> np.ndarray:
-        """Internal: letterboxed RGB uint8 (N, S, S, 3) -> raw model output (N, 4 + classes, anchors)."""
-        scale = np.float32(self.runtime.card.preprocessing.scale)
-        return self.runtime.infer(np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32) * scale)
 
     @bentoml.api(route="/detect", input_spec=DetectInput)
     async def detect(self, image: Path, conf: float | None = None, iou: float | None = None,
@@ -106,27 +122,32 @@ class Detector:
         """The image as JPEG with its boxes, class names and confidences drawn."""
         try:
             (decoded, dets, _), = await self._predict([image], conf, iou, max_det, classes)
+            jpeg = await asyncio.to_thread(self._render, decoded.rgb, dets)
         except RequestRejected as exc:
             return self._rejected(exc)
-        drawn = await asyncio.to_thread(draw_detections, decoded.rgb, dets, self.runtime.class_names)
-        return Response(await asyncio.to_thread(encode_jpeg, drawn), media_type="image/jpeg")
+        except Exception:
+            return self._unexpected("/render")
+        return Response(jpeg, media_type="image/jpeg")
 
     # ------------------------------------------------------------------ mechanics
     async def _detect_response(self, files: list[Path], conf: float | None, iou: float | None,
                                max_det: int | None, classes: list[int] | None, *, single: bool) -> Response:
         try:
             results = await self._predict(files, conf, iou, max_det, classes)
+            bodies = [detect_response(d.width, d.height, d.sha256, dets, self.runtime.class_names,
+                                      self.model_info).model_dump() for d, dets, _ in results]
         except RequestRejected as exc:
             return self._rejected(exc)
-        bodies = [detect_response(d.width, d.height, d.sha256, dets, self.runtime.class_names,
-                                  self.model_info).model_dump() for d, dets, _ in results]
+        except Exception:
+            return self._unexpected("detection")
         headers = {"X-Cache": ",".join("hit" if hit else "miss" for *_, hit in results)}
         return JSONResponse(bodies[0] if single else bodies, headers=headers)
 
     async def _predict(self, files: list[Path], conf: float | None, iou: float | None, max_det: int | None,
                        classes: list[int] | None) -> list[tuple[DecodedImage, list[Detection], bool]]:
         """Decode every file (all must be valid), answer from the cache where possible and run the
-        rest through the batched `infer` in one call; log each prediction."""
+        rest through the worker's batcher in one submission; log each prediction. Raises
+        RequestRejected for bad input (4xx), overload (503) and any failure of the inference (500)."""
         t = self.runtime.card.thresholds
         conf = t.conf if conf is None else conf
         iou = t.iou if iou is None else iou
@@ -135,53 +156,84 @@ class Detector:
         if bad:
             raise RequestRejected("unknown_class", f"classes: unknown class ids {bad} (the model has "
                                 f"{len(self.runtime.class_names)}: {', '.join(self.runtime.class_names)})", 422)
-        decoded = [await asyncio.to_thread(self._decode, f, f"images[{i}]" if len(files) > 1 else "image")
-                   for i, f in enumerate(files)]
-        keys = [cache_key(d.sha256, self.model_info.version, conf=conf, iou=iou, max_det=max_det, classes=classes)
-                for d in decoded]
-        found = [self.cache.get(k) for k in keys]
-        hits = [f is not None for f in found]
-        todo = [i for i, hit in enumerate(hits) if not hit]
-        for hit in hits:
-            metrics.CACHE.labels(result="hit" if hit else "miss").inc()
-        if todo:
-            size, pad = self.runtime.card.imgsz, self.runtime.card.preprocessing.pad_value
-            boxed = [letterbox(decoded[i].rgb, size, pad) for i in todo]
-            raw = await self._infer_batched(np.stack([b for b, _ in boxed]))
-            fresh = self.runtime.postprocess(raw, [m for _, m in boxed], conf=conf, iou=iou, max_det=max_det,
-                                             classes=classes)
-            for i, dets in zip(todo, fresh):
-                found[i] = tuple(dets)
-                self.cache.put(keys[i], found[i])
+        # One thread hop per request for the CPU work before inference (decode, hash, cache, letterbox).
+        job = await asyncio.to_thread(self._prepare, files, (conf, iou, max_det, classes))
+        if job.batch is not None:
+            try:
+                raw = await self.batcher(job.batch)
+                fresh = self.runtime.postprocess(raw, job.metas, conf=conf, iou=iou, max_det=max_det,
+                                                 classes=classes)
+            except Overloaded as exc:
+                raise RequestRejected("overloaded", str(exc), 503) from None
+            except InferenceFailed as exc:  # logged with its traceback by the batcher
+                raise RequestRejected("inference_failed", f"{exc}; see the server log", 500) from None
+            except Exception as exc:  # never a traceback to the client: logged here, a JSON 500 there
+                log.exception("inference of %d images failed", len(job.batch))
+                raise RequestRejected("inference_failed", f"the model could not process this request "
+                                      f"({type(exc).__name__}: {exc}); see the server log", 500) from None
+            misses = [i for i, dets in enumerate(job.found) if dets is None]
+            for i, dets in zip(misses, fresh):
+                job.found[i] = tuple(dets)
+                if job.keys:
+                    self.cache.put(job.keys[i], job.found[i])
+        if self.cache.max_entries:
+            for hit in job.hits:
+                metrics.CACHE.labels(result="hit" if hit else "miss").inc()
         results = []
-        for d, dets, hit in zip(decoded, found, hits):
+        for d, dets, hit in zip(job.decoded, job.found, job.hits):
             metrics.observe_detections(dets)
-            self.pred_log.log(d.rgb, sha256=d.sha256, request_id=uuid.uuid4().hex, detections=list(dets),
+            self.pred_log.log(d.rgb, sha256=d.sha256, request_id=uuid.uuid4().hex, detections=dets,
                               model_name=self.model_info.name, model_version=self.model_info.version)
             results.append((d, list(dets), hit))
         return results
 
-    async def _infer_batched(self, batch: np.ndarray) -> np.ndarray:
-        """Call `infer` through BentoML's in-process client so the request joins the adaptive batch."""
-        client = self.to_async  # BentoML's in-process client, set once the instance is created
-        # Its connection sessions are (re)made from this very dict: the token reaches the guard.
-        client.default_headers[INTERNAL_HEADER] = INTERNAL_TOKEN
-        try:
-            return np.asarray(await client.infer(batch=batch))
-        except BentoMLException as exc:  # the batch could not meet max_latency_ms, or the worker is overloaded
-            status = int(exc.error_code)
-            raise RequestRejected("overloaded" if status == 503 else "inference_failed", str(exc), status) from None
+    def _prepare(self, files: list[Path], params: tuple) -> _Prepared:
+        """In a worker thread: decode and validate every file, look each up in the cache, letterbox
+        the misses into one uint8 (n, S, S, 3) stack."""
+        names = [f"images[{i}]" for i in range(len(files))] if len(files) > 1 else ["image"]
+        decoded = [self._decode(f, name) for f, name in zip(files, names)]
+        job = _Prepared(decoded, found=[None] * len(decoded))
+        if self.cache.max_entries:
+            conf, iou, max_det, classes = params
+            job.keys = [cache_key(d.sha256, self.model_info.version, conf=conf, iou=iou, max_det=max_det,
+                                  classes=classes) for d in decoded]
+            job.found = [self.cache.get(k) for k in job.keys]
+        job.hits = [dets is not None for dets in job.found]
+        misses = [d for d, hit in zip(decoded, job.hits) if not hit]
+        if misses:
+            size, pad = self.runtime.card.imgsz, self.runtime.card.preprocessing.pad_value
+            job.batch = np.empty((len(misses), size, size, 3), np.uint8)
+            for row, d in zip(job.batch, misses):
+                row[...], meta = letterbox(d.rgb, size, pad)
+                job.metas.append(meta)
+        return job
+
+    def _infer_letterboxed(self, batch: np.ndarray) -> np.ndarray:
+        """Letterboxed RGB uint8 (N, S, S, 3) -> raw model output (N, 4 + classes, anchors); runs in the
+        batcher's worker thread."""
+        tensor = batch.transpose(0, 3, 1, 2).astype(np.float32)
+        tensor *= np.float32(self.runtime.card.preprocessing.scale)
+        return self.runtime.infer(tensor)
 
     @staticmethod
     def _decode(file: Path, name: str) -> DecodedImage:
         check_size(file.stat().st_size, CFG.max_upload_bytes, name)  # before reading it into memory
         return decode_image(file.read_bytes(), max_bytes=CFG.max_upload_bytes, max_pixels=CFG.max_pixels, name=name)
 
+    def _render(self, rgb: np.ndarray, dets: list[Detection]) -> bytes:
+        return encode_jpeg(draw_detections(rgb, dets, self.runtime.class_names))
+
+    @classmethod
+    def _unexpected(cls, what: str) -> JSONResponse:
+        """A bug, not bad input: the traceback goes to the server log, the client gets a JSON 500."""
+        log.exception("unexpected error in %s", what)
+        return cls._rejected(RequestRejected("internal_error",
+                                             f"unexpected error in {what}; see the server log", 500))
+
     @staticmethod
     def _rejected(exc: RequestRejected) -> JSONResponse:
-        metrics.BAD_INPUT.labels(reason=exc.code).inc()
+        (metrics.INFERENCE_ERRORS if exc.status >= 500 else metrics.BAD_INPUT).labels(reason=exc.code).inc()
         return error_response(exc.code, exc.detail, exc.status)
-
 
 Detector.add_asgi_middleware(RequestGuard, upload_limits={
     "/detect": CFG.max_upload_bytes, "/render": CFG.max_upload_bytes, "/detect_async/submit": CFG.max_upload_bytes,

@@ -178,9 +178,9 @@ def test_concurrent_requests_form_batches(server: dict) -> None:
         codes = list(pool.map(lambda b: post(server, "/detect", {"image": ("x.png", b)}).status_code, uploads))
     assert codes == [200] * 16
     after = httpx.get(server["url"] + "/metrics").text
-    name = "bentoml_service_adaptive_batch_size"
-    calls = metric(after, name + "_count", method_name="infer") - metric(before, name + "_count", method_name="infer")
-    images_run = metric(after, name + "_sum", method_name="infer") - metric(before, name + "_sum", method_name="infer")
+    name = "detops_inference_batch_size"  # observed once per ONNX Runtime call of the in-process batcher
+    calls = metric(after, name + "_count") - metric(before, name + "_count")
+    images_run = metric(after, name + "_sum") - metric(before, name + "_sum")
     assert images_run == 16
     assert calls < 16, f"16 concurrent requests ran in {calls:.0f} batches: no batching happened"
     assert metric(after, "detops_detections_per_image_count") >= 16
@@ -221,7 +221,7 @@ def test_bad_parameters_are_named(server: dict) -> None:
     assert resp.status_code == 400 and "image: expected an uploaded file" in resp.json()["detail"]
     resp = httpx.post(server["url"] + "/detect", content=b"raw bytes", headers={"content-type": "image/jpeg"})
     assert resp.status_code == 400 and "multipart/form-data" in resp.json()["detail"]
-    assert httpx.post(server["url"] + "/internal/infer", json={"batch": [[0]]}).status_code == 404
+    assert httpx.post(server["url"] + "/internal/infer", json={"batch": [[0]]}).status_code == 404  # no tensor route
 
 
 def _exif_rotated() -> tuple[bytes, int, int]:
@@ -252,9 +252,9 @@ def test_predictions_are_logged(server: dict) -> None:
 
     post(server, "/detect", {"image": ("x.jpg", images.jpeg(50, 50, seed=77))})
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline:  # the logger writes in the background: wait for this request's record
         frame = open_store(server["log_dir"]).read()
-        if len(frame) >= 5:
+        if len(frame) >= 5 and 50 in set(frame["width"]):
             break
         time.sleep(0.5)
     assert len(frame) >= 5
