@@ -52,13 +52,18 @@ def image_statistics(rgb: np.ndarray) -> dict[str, float]:
     h, w = rgb.shape[:2]
     small = _downscale(rgb, STAT_SIDE)
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    r, g, b = (small[..., i].astype(np.float32) for i in range(3))
-    rg, yb = r - g, 0.5 * (r + g) - b
-    colourfulness = float(np.hypot(rg.std(), yb.std()) + 0.3 * np.hypot(rg.mean(), yb.mean()))
+    # cv2.meanStdDev rather than numpy reductions: this runs after every served prediction.
+    (brightness,), (contrast,) = cv2.meanStdDev(gray)
+    _, (laplacian_std,) = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F))
+    channels = small.astype(np.float32)
+    r, g, b = channels[..., 0], channels[..., 1], channels[..., 2]
+    (rg_mean,), (rg_std,) = cv2.meanStdDev(r - g)
+    (yb_mean,), (yb_std,) = cv2.meanStdDev(0.5 * (r + g) - b)
+    colourfulness = float(np.hypot(rg_std[0], yb_std[0]) + 0.3 * np.hypot(rg_mean[0], yb_mean[0]))
     return {
-        "brightness": float(gray.mean()),
-        "contrast": float(gray.std()),
-        "sharpness": float(cv2.Laplacian(gray, cv2.CV_64F).var()),
+        "brightness": float(brightness[0]),
+        "contrast": float(contrast[0]),
+        "sharpness": float(laplacian_std[0] ** 2),
         "colourfulness": colourfulness,
         "width": float(w),
         "height": float(h),
