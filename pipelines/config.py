@@ -240,9 +240,9 @@ class ServeConfig(Section):
     model_name: str = "detops-detector"
     alias: str = "champion"
     store_version: str = "latest"  # which version of the imported model the service serves
-    workers: int = Field(1, ge=1)
+    workers: int = Field(2, ge=1)
     timeout_s: int = Field(60, ge=1)
-    max_batch_size: int = Field(16, ge=2)  # BentoML refuses a batchable API with max_batch_size < 2
+    max_batch_size: int = Field(16, ge=1)
     max_latency_ms: int = Field(1000, ge=1)
     max_upload_bytes: int = Field(20 * 1024 * 1024, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)

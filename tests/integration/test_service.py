@@ -8,10 +8,6 @@ import concurrent.futures as cf
 import io
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.fixtures import images
+from tests.serving_process import detector_service
 
 pytestmark = pytest.mark.integration
 
@@ -30,54 +27,19 @@ MAX_UPLOAD = 300_000
 MAX_BATCH_IMAGES = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
-    """A running service; yields its base URL, prediction-log folder and class names."""
-    tmp = tmp_path_factory.mktemp("serve")
-    env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-           "DETOPS_SERVE_PREDICTION_LOG": str(tmp / "predictions"), "DETOPS_SERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
-           "DETOPS_SERVE_MAX_BATCH_IMAGES": str(MAX_BATCH_IMAGES), "DETOPS_SERVE_MAX_LATENCY_MS": "2000",
-           "DETOPS_SERVE_CACHE_ENTRIES": "64"}
-    built = subprocess.run([sys.executable, "-m", "pipelines.cli", "build", "--model-dir", str(trained_model_dir),
-                            "--no-bento"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert built.returncode == 0, built.stderr
-    assert "detops-detector:" in built.stdout
-    port = _free_port()
-    log = open(tmp / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", "serving.service:Detector",
-                             "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("service not ready in 90 s:\n" + (tmp / "serve.log").read_text()[-3000:])
-        from serving.runtime import ModelCard
+    """A running service; yields its base URL, prediction-log folder and class names. One worker:
+    the cache and the batch-size histogram are per worker, and these tests read them."""
+    from serving.runtime import ModelCard
 
+    tmp = tmp_path_factory.mktemp("serve")
+    overrides = {"DETOPS_SERVE_WORKERS": "1", "DETOPS_SERVE_MAX_UPLOAD_BYTES": str(MAX_UPLOAD),
+                 "DETOPS_SERVE_MAX_BATCH_IMAGES": str(MAX_BATCH_IMAGES), "DETOPS_SERVE_MAX_LATENCY_MS": "2000",
+                 "DETOPS_SERVE_CACHE_ENTRIES": "64"}
+    with detector_service(trained_model_dir, tmp, overrides=overrides) as running:
         card = ModelCard.load(trained_model_dir / "model_card.json")
-        yield {"url": url, "log_dir": tmp / "predictions", "classes": card.classes, "serve_log": tmp / "serve.log"}
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        log.close()
+        yield {"url": running.url, "log_dir": tmp / "predictions", "classes": card.classes, "serve_log": running.log}
 
 
 def post(server: dict, route: str, files: list | dict, data: dict | None = None) -> httpx.Response:
