@@ -261,7 +261,7 @@ def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calib
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipelines.tracking import ensure_experiment, tracking_uri
+    from pipelines.tracking import ensure_experiment, resume_run, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     exists = False
@@ -272,7 +272,7 @@ def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calib
         except MlflowException:
             pass
     if exists:
-        context = mlflow.start_run(run_id=run_id)
+        context = resume_run(run_id)
     else:
         warnings.warn(f"training run {run_id!r} of the model card is not in {tracking_uri()}: logging the "
                       f"evaluation to a new run of experiment {experiment!r}", stacklevel=3)

@@ -157,6 +157,7 @@ def _log_and_register(cfg: RegisterConfig, card: Any, run_id: str) -> str:
 
     from evaluation.pyfunc_model import MODEL_DIR_ARTIFACT, DetectorPyfunc, signature
     from pipelines.environment import PROJECT_ROOT
+    from pipelines.tracking import resume_run
     from pipelines.types import YoloDataset
     from serving.runtime import CALIBRATOR_FILE, CARD_FILE, MODEL_FILE
 
@@ -176,7 +177,7 @@ def _log_and_register(cfg: RegisterConfig, card: Any, run_id: str) -> str:
         for rel in PYFUNC_CODE:
             (code / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / rel, code / rel)
-        with mlflow.start_run(run_id=run_id):
+        with resume_run(run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=DetectorPyfunc(), artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
                 code_paths=[str(p) for p in sorted(code.iterdir())], signature=signature(card),

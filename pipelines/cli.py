@@ -152,12 +152,18 @@ def train(
     batch: Annotated[Optional[int], typer.Option(help="batch size")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, 0, 0,1 ...")] = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(help="extra run tag KEY=VALUE (repeatable), e.g. "
+                                                     "detops.feedback_batch=fb-7")] = None,
 ) -> None:
     """Train YOLO from a model YAML, log one MLflow run, export ONNX and write the model folder."""
     from training.train import train as run
 
+    bad = [t for t in tag or () if "=" not in t or not t.split("=", 1)[0]]
+    if bad:
+        raise DetopsError(f"--tag {bad[0]!r}: expected KEY=VALUE")
+    tags = {**load_section("train").tags, **dict(t.split("=", 1) for t in tag or ())}
     cfg = load_section("train", dataset=dataset, out=out, model=model, imgsz=imgsz, epochs=epochs, batch=batch,
-                       device=device, experiment=experiment)
+                       device=device, experiment=experiment, tags=tags or None)
     result = run(cfg)
     best = ", ".join(f"{k.removeprefix('metrics/')}={v:.3f}" for k, v in result.metrics.items())
     typer.echo(f"run {result.run_id}: {result.model_dir} ({best})")

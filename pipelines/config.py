@@ -156,6 +156,7 @@ class TrainConfig(Section):
     runs: Path = Path("runs/train")  # ultralytics' run folders (git-ignored), one per MLflow run id
     report: Path = Path("reports/train")  # DVC metrics.json and per-epoch results.csv/png
     hyp: dict[str, Any] = {}  # any other ultralytics train argument, passed through
+    tags: dict[str, str] = {}  # extra MLflow run tags; `detops.*` ones are copied onto the model version
 
 
 class SearchDim(Section):

@@ -90,3 +90,8 @@ def configure_ultralytics() -> None:
     current = {k: settings.get(k) for k in wanted}
     if current != wanted:
         settings.update(wanted)
+    # ultralytics patches PIL's Image.open to pip-install a HEIF plugin when a file cannot be
+    # identified; offline that turns every "not an image" into an ImportError. Keep PIL's own error.
+    from ultralytics.utils import patches
+
+    patches._pil_plugins_registered = True

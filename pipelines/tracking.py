@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from pipelines.environment import default_tracking_uri
@@ -37,3 +38,14 @@ def ensure_experiment(name: str) -> str:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def resume_run(run_id: str) -> Any:
+    """`mlflow.start_run(run_id=...)` for an existing run, whatever experiment is active in this
+    process (MLflow refuses to resume a run of another experiment than the active one)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return mlflow.start_run(run_id=run_id)

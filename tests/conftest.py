@@ -13,7 +13,9 @@ os.environ["DETOPS_CACHE_DIR"] = str(Path(__file__).resolve().parents[1] / ".cac
 
 from pipelines import environment  # noqa: E402
 
-environment.configure()
+# Every test process gets ultralytics as the pipeline configures it (offline, no own MLflow run, PIL's
+# own errors), whichever test happens to import it first.
+environment.configure_ultralytics()
 
 
 @pytest.fixture(scope="session")

@@ -63,7 +63,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         run_id = run.info.run_id
         mlflow.log_params(_flatten(cfg.model_dump(mode="json")))
         mlflow.set_tags({"dataset_hash": data_hash, "dataset_hash_source": hash_source,
-                         "dataset": str(cfg.dataset), **_git_tags(), **_version_tags()})
+                         "dataset": str(cfg.dataset), **_git_tags(), **_version_tags(), **cfg.tags})
         model.add_callback("on_fit_epoch_end", _log_epoch)
         model.train(**train_args, project=str(cfg.runs.resolve()), name=run_id)
         trainer = model.trainer
@@ -83,7 +83,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             card.save(staging / CARD_FILE)
             (staging / "classes.json").write_text(json.dumps(dataset.class_names, indent=2) + "\n")
             for name in (WEIGHTS_FILE, MODEL_FILE, CARD_FILE, "classes.json"):
-                mlflow.log_artifact(str(staging / name), artifact_path="model")
+                mlflow.log_artifact(str(staging / name), artifact_path="trained_model")
             for name in ("results.png", "results.csv"):
                 if (trainer.save_dir / name).is_file():
                     mlflow.log_artifact(str(trainer.save_dir / name), artifact_path="training")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 from pipelines import environment
 
@@ -66,7 +67,7 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
         ValidateConfig,
     )
     from pipelines.images import read_rgb
-    from serving.runtime import ModelCard, ModelRuntime
+    from serving.runtime import ModelRuntime
     from training.augment import augment
     from training.train import train
     from training.validate import validate
@@ -102,34 +103,36 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
     say(f"4. start Label Studio on 127.0.0.1:{port}")
     server = labelstudio_server.start(work / "labelstudio", port, USER, PASSWORD, TOKEN, document_root=store_dir)
     try:
-        os.environ["LABEL_STUDIO_URL"], os.environ["LABEL_STUDIO_API_KEY"] = f"http://127.0.0.1:{port}", TOKEN
-        cfg = PushConfig(project_title="detops loop", max_per_run=n_shifted, state=work / "push_state.json",
-                         document_root=store_dir, out=work / "import.json")
-        xml = labeling_config_xml(classes)
-        window = open_store(store_dir).read()
-        say("5. push the drifted window with pre-annotations")
-        result = push(window, cfg, labeling_config=xml, drifted=True, batch_id="fb-loop-1")
-        again = push(window, cfg, labeling_config=xml, drifted=True)
-        if result.created != n_shifted or again.created != 0:
-            raise AssertionError(f"push created {result.created}, then {again.created} (expected {n_shifted}, 0)")
+        # What `detops push` and `detops pull` read, for this block only.
+        studio_env = {"LABEL_STUDIO_URL": f"http://127.0.0.1:{port}", "LABEL_STUDIO_API_KEY": TOKEN}
+        with mock.patch.dict(os.environ, studio_env):
+            cfg = PushConfig(project_title="detops loop", max_per_run=n_shifted, state=work / "push_state.json",
+                             document_root=store_dir, out=work / "import.json")
+            xml = labeling_config_xml(classes)
+            window = open_store(store_dir).read()
+            say("5. push the drifted window with pre-annotations")
+            result = push(window, cfg, labeling_config=xml, drifted=True, batch_id="fb-loop-1")
+            again = push(window, cfg, labeling_config=xml, drifted=True)
+            if result.created != n_shifted or again.created != 0:
+                raise AssertionError(f"push created {result.created}, then {again.created} (expected {n_shifted}, 0)")
 
-        say("6. annotate every task through the SDK with the generator's ground truth")
-        client = LabelStudio(base_url=os.environ["LABEL_STUDIO_URL"], api_key=TOKEN)
-        truth = load_ground_truth(shifted)
-        annotated = 0
-        for task in client.tasks.list(project=result.project_id, fields="all"):
-            gt = truth[name_of[task.data["sha256"]]]
-            regions = [{"from_name": "label", "to_name": "image", "type": "rectanglelabels",
-                        "original_width": gt.width, "original_height": gt.height,
-                        "value": {"x": 100 * o.box.x1 / gt.width, "y": 100 * o.box.y1 / gt.height,
-                                  "width": 100 * o.box.width / gt.width, "height": 100 * o.box.height / gt.height,
-                                  "rotation": 0, "rectanglelabels": [o.label]}}
-                       for o in gt.objects if o.in_label_set]
-            client.annotations.create(id=task.id, result=regions, was_cancelled=False, ground_truth=False)
-            annotated += 1
+            say("6. annotate every task through the SDK with the generator's ground truth")
+            client = LabelStudio(base_url=studio_env["LABEL_STUDIO_URL"], api_key=TOKEN)
+            truth = load_ground_truth(shifted)
+            annotated = 0
+            for task in client.tasks.list(project=result.project_id, fields="all"):
+                gt = truth[name_of[task.data["sha256"]]]
+                regions = [{"from_name": "label", "to_name": "image", "type": "rectanglelabels",
+                            "original_width": gt.width, "original_height": gt.height,
+                            "value": {"x": 100 * o.box.x1 / gt.width, "y": 100 * o.box.y1 / gt.height,
+                                      "width": 100 * o.box.width / gt.width, "height": 100 * o.box.height / gt.height,
+                                      "rotation": 0, "rectanglelabels": [o.label]}}
+                           for o in gt.objects if o.in_label_set]
+                client.annotations.create(id=task.id, result=regions, was_cancelled=False, ground_truth=False)
+                annotated += 1
 
-        say("7. pull the export")
-        pulled = pull(result.project_id, work / "pulled")
+            say("7. pull the export")
+            pulled = pull(result.project_id, work / "pulled")
     finally:
         say("   stop Label Studio (by PID)")
         labelstudio_server.stop(server)
@@ -141,11 +144,9 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
                             min_instances_per_class=MinInstances(train=1, val=0, test=0)))
     augment(AugmentConfig(dataset=work / "ds2", out=work / "aug2", report=work / "augment", copies=1))
     train(TrainConfig(dataset=work / "aug2", out=work / "model2", imgsz=64, epochs=2, batch=8, workers=0,
-                      experiment="loop"))
+                      experiment="loop", tags={"detops.feedback_batch": result.batch_id}))
     import mlflow
 
-    run_id = ModelCard.load(work / "model2" / "model_card.json").run_id
-    mlflow.MlflowClient().set_tag(run_id, "detops.feedback_batch", result.batch_id)
     evaluate_cfg = EvaluateConfig(model_dir=work / "model2", dataset=work / "ds2", out=work / "evaluate",
                                   latency_repeats=2, latency_batch_sizes=[1])
     evaluate(evaluate_cfg)

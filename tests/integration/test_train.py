@@ -67,8 +67,8 @@ def test_one_mlflow_run_with_params_metrics_tags_artifacts(trained_model_dir: Pa
     assert tags["dataset_hash_source"] in {"dvc.lock md5", "content sha256"} and len(tags["dataset_hash"]) >= 32
     assert tags["version.ultralytics"] and tags["version.torch"] and tags["version.onnxruntime"]
     assert len(tags.get("git_sha", "x" * 40)) == 40
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "model")}
-    assert artifacts == {f"model/{n}" for n in (WEIGHTS_FILE, MODEL_FILE, CARD_FILE, "classes.json")}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "trained_model")}
+    assert artifacts == {f"trained_model/{n}" for n in (WEIGHTS_FILE, MODEL_FILE, CARD_FILE, "classes.json")}
     assert "training/results.png" in {a.path for a in client.list_artifacts(run.info.run_id, "training")}
     # Exactly one run for this training: nothing else (e.g. ultralytics' own MLflow callback) ran meanwhile.
     during = mlflow.search_runs(search_all_experiments=True, output_format="list",
