@@ -70,10 +70,12 @@ def test_one_mlflow_run_with_params_metrics_tags_artifacts(trained_model_dir: Pa
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "trained_model")}
     assert artifacts == {f"trained_model/{n}" for n in (WEIGHTS_FILE, MODEL_FILE, CARD_FILE, "classes.json")}
     assert "training/results.png" in {a.path for a in client.list_artifacts(run.info.run_id, "training")}
-    # Exactly one run for this training: nothing else (e.g. ultralytics' own MLflow callback) ran meanwhile.
+    # Exactly one run for this training: nothing else (e.g. ultralytics' own MLflow callback) started
+    # while it trained. (Its end_time moves when later stages resume the run: use its last metric.)
+    trained_until = max(m.timestamp for m in box_loss)
     during = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                 filter_string=f"attributes.start_time >= {run.info.start_time}")
-    assert [r.info.run_id for r in during if r.info.start_time <= run.info.end_time] == [run.info.run_id]
+    assert [r.info.run_id for r in during if r.info.start_time <= trained_until] == [run.info.run_id]
 
 
 def _letterboxed(dataset: Path, n: int) -> np.ndarray:
