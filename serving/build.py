@@ -62,7 +62,7 @@ def download_registry_model(name: str, alias: str, dest: Path) -> tuple[Path, st
         version = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
     except MlflowException as exc:
         raise DetopsError(f"registry: no version of {name!r} has the alias {alias!r} "
-                          f"({exc.get_error_code()}); register and promote a model first") from None
+                          f"({exc.error_code}); register and promote a model first") from None
     local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(dest)))
     model_dir = local / "artifacts" / MODEL_DIR_ARTIFACT
     if not (model_dir / "model.onnx").is_file():

@@ -197,3 +197,36 @@ def test_mlflow_ui_serves_the_project_store(evaluated: tuple[Path, Path], yolo_d
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
         server.wait(timeout=30)
+
+
+def test_build_imports_the_champion_into_bentoml(evaluated: tuple[Path, Path], yolo_dataset: Path,
+                                                 tmp_path: Path) -> None:
+    """`detops build` resolves serve.alias in the registry, downloads that version and imports it into a
+    (private) BentoML store, labelled with the registry name and version."""
+    from evaluation.registry import register
+
+    name = "test-build"
+    report = register(_cfg(name, evaluated, yolo_dataset, PASSING), EVALUATE)
+    assert report.promoted
+    params = tmp_path / "params.yaml"
+    params.write_text(f"serve: {{model_name: {name}, alias: champion}}\n")
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "bentoml")}
+    cli = [sys.executable, "-m", "pipelines.cli", "--params", str(params), "build", "--no-bento"]
+    built = subprocess.run(cli, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert built.returncode == 0, built.stderr[-2000:]
+    assert f"{name}@champion v{report.version}" in built.stdout
+
+    script = ("import bentoml, json, pathlib; m = bentoml.models.get('" + name + ":latest'); "
+              "print(json.dumps({'labels': m.info.labels, 'path': m.path}))")
+    shown = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                           check=True)
+    stored = json.loads(shown.stdout.strip().splitlines()[-1])
+    assert stored["labels"]["registry_name"] == name and stored["labels"]["registry_version"] == report.version
+    model_dir = evaluated[0]
+    for file in ("model.onnx", "model_card.json", "calibrator.json"):
+        assert (Path(stored["path"]) / file).read_bytes() == (model_dir / file).read_bytes(), file
+
+    missing = subprocess.run([*cli[:-2], "build", "--alias", "nobody", "--no-bento"], env=env,
+                             capture_output=True, text=True, timeout=300, check=False)
+    assert missing.returncode == 1
+    assert "no version of 'test-build' has the alias 'nobody'" in missing.stderr
