@@ -57,6 +57,7 @@ def trained_model_dir(yolo_dataset: Path, mlflow_uri: str, tmp_path_factory: pyt
     from training.train import train
 
     out = tmp_path_factory.mktemp("models")
+    side = tmp_path_factory.mktemp("train")  # ultralytics' run folder and the DVC report, out of the checkout
     train(TrainConfig(dataset=yolo_dataset, out=out, imgsz=64, epochs=2, batch=8, workers=0,
-                      experiment="tests"))
+                      experiment="tests", runs=side / "runs", report=side / "report"))
     return out

@@ -82,7 +82,7 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
     raw = synthesize(SynthesizeConfig(out=work / "raw", n_images=48, seed=1, **SIDES))
     ingest(IngestConfig(export=raw / "export.json", labeling_config=raw / "labeling_config.xml", out=work / "ds"))
     train(TrainConfig(dataset=work / "ds", out=work / "model", imgsz=64, epochs=2, batch=8, workers=0,
-                      experiment="loop"))
+                      experiment="loop", runs=work / "runs", report=work / "report"))
 
     say(f"3. {n_shifted} dark-shifted images through the model and the prediction logger (images kept)")
     shifted = synthesize(SynthesizeConfig(out=work / "shifted", n_images=n_shifted, seed=21, shift="dark",
@@ -144,7 +144,8 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
                             min_instances_per_class=MinInstances(train=1, val=0, test=0)))
     augment(AugmentConfig(dataset=work / "ds2", out=work / "aug2", report=work / "augment", copies=1))
     train(TrainConfig(dataset=work / "aug2", out=work / "model2", imgsz=64, epochs=2, batch=8, workers=0,
-                      experiment="loop", tags={"detops.feedback_batch": result.batch_id}))
+                      experiment="loop", runs=work / "runs", report=work / "report",
+                      tags={"detops.feedback_batch": result.batch_id}))
     import mlflow
 
     evaluate_cfg = EvaluateConfig(model_dir=work / "model2", dataset=work / "ds2", out=work / "evaluate",

@@ -140,7 +140,8 @@ def test_bad_config_fails_before_any_run(yolo_dataset: Path, tmp_path: Path) -> 
         (dict(hyp={"mosaic": 2.0}), "'mosaic=2.0' is an invalid value"),
     ]
     for change, message in bad:
-        cfg = TrainConfig(**{"dataset": yolo_dataset, "out": out, "runs": tmp_path / "runs", **change})
+        cfg = TrainConfig(**{"dataset": yolo_dataset, "out": out, "runs": tmp_path / "runs",
+                             "report": tmp_path / "report", **change})
         with pytest.raises(DetopsError, match=message.replace("(", r"\(")) as info:
             train(cfg)
         assert "\n" not in str(info.value)
