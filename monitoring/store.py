@@ -152,6 +152,7 @@ class SQLiteStore:
 
     def delete_image(self, sha256: str) -> int:
         """See `PredictionStore.delete_image`. The image file goes even when no record names it."""
+        _check_sha256(sha256)  # it names a file: nothing but a digest may reach the path
         n = self._delete("image_sha256 = ?", (sha256,))
         (self.image_dir / f"{sha256}.png").unlink(missing_ok=True)
         return n
@@ -174,8 +175,7 @@ class SQLiteStore:
         """See `PredictionStore.save_image` (PNG: annotators see the exact pixels the model saw)."""
         import cv2
 
-        if not all(c in "0123456789abcdef" for c in sha256) or len(sha256) != 64:
-            raise DetopsError(f"not a sha256 hex digest: {sha256!r}")
+        _check_sha256(sha256)
         self.image_dir.mkdir(parents=True, exist_ok=True)
         path = self.image_dir / f"{sha256}.png"
         if not path.exists():
@@ -184,6 +184,11 @@ class SQLiteStore:
                 raise OSError(f"cannot write {tmp}")
             tmp.replace(path)  # atomic: a reader never sees half an image
         return str(path)
+
+
+def _check_sha256(sha256: str) -> None:
+    if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        raise DetopsError(f"not a sha256 hex digest: {sha256!r}")
 
 
 def records_frame(records: list[PredictionRecord]) -> pd.DataFrame:
@@ -217,8 +222,12 @@ def parse_age(text: str) -> timedelta:
     value, unit = text.strip()[:-1], text.strip()[-1:].lower()
     try:
         number = float(value)
-    except ValueError:
-        number = -1.0
-    if unit not in units or number < 0:
-        raise DetopsError(f"age {text!r}: expected a number and a unit among w, d, h, m, s (e.g. 30d, 12h, 90m)")
-    return timedelta(**{units[unit]: number})
+        age = timedelta(**{units[unit]: number}) if unit in units and number >= 0 else None
+        if age is not None:
+            datetime.now(timezone.utc) - age  # an age reaching before year 1 cannot be a cutoff
+    except (ValueError, OverflowError, KeyError):
+        age = None
+    if age is None:
+        raise DetopsError(f"age {text!r}: expected a non-negative number and a unit among w, d, h, m, s "
+                          "(e.g. 30d, 12h, 90m)")
+    return age

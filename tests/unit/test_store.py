@@ -97,7 +97,7 @@ def test_purge_cli(tmp_path: Path) -> None:
     assert result.exit_code == 0 and "deleted 1 records" in result.output
     assert list(store.read()["request_id"]) == ["r2"]
     result = runner.invoke(app, ["purge", "--store", str(tmp_path), "--older-than", "soon"])
-    assert result.exit_code == 1 and "expected a number and a unit" in result.output
+    assert result.exit_code == 1 and "expected a non-negative number and a unit" in result.output
     result = runner.invoke(app, ["purge", "--store", str(tmp_path)])
     assert result.exit_code == 1 and "exactly one of" in result.output
 
@@ -108,10 +108,20 @@ def test_parse_age(text: str, expected: timedelta) -> None:
     assert parse_age(text) == expected
 
 
-@pytest.mark.parametrize("bad", ["30", "d", "-1d", "3y", ""])
+@pytest.mark.parametrize("bad", ["30", "d", "-1d", "3y", "", "nand", "infd", "1e9d", "1000000d"])
 def test_parse_age_rejects(bad: str) -> None:
-    with pytest.raises(DetopsError, match="expected a number and a unit"):
+    with pytest.raises(DetopsError, match="expected a non-negative number and a unit"):
         parse_age(bad)
+
+
+@pytest.mark.parametrize("bad", ["../../escape", "", "A" * 64])
+def test_delete_image_takes_only_a_digest(tmp_path: Path, bad: str) -> None:
+    victim = tmp_path / "escape.png"
+    victim.write_bytes(b"keep me")
+    store = open_store(tmp_path / "store" / "a")
+    with pytest.raises(DetopsError, match="not a sha256 hex digest"):
+        store.delete_image(bad)
+    assert victim.read_bytes() == b"keep me"
 
 
 def test_open_store_rejects_unknown_locations() -> None:
