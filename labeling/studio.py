@@ -10,6 +10,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -228,23 +230,33 @@ def media_url(base_url: str, ref: str) -> str | None:
     return urljoin(base_url.rstrip("/") + "/", ref.lstrip("/"))
 
 
+@contextmanager
+def studio_errors(base_url: str, what: str) -> Iterator[None]:
+    """Turn the Label Studio SDK's and httpx's errors (server down, bad key, HTTP 4xx/5xx) into one
+    DetopsError naming the server and what was being done."""
+    import httpx
+    from label_studio_sdk.core.api_error import ApiError
+
+    try:
+        yield
+    except ApiError as exc:
+        raise DetopsError(f"Label Studio at {base_url}, {what}: HTTP {exc.status_code}: {exc.body}") from None
+    except httpx.HTTPError as exc:
+        raise DetopsError(f"Label Studio at {base_url}, {what}: {exc.__class__.__name__}: {exc}") from None
+
+
 def pull(project_id: int, out: Path) -> Path:
     """Export project `project_id` into `out`: export.json (all tasks, unchanged), labeling_config.xml,
     and images/<name> for every image the server serves under /data/. Returns the export path."""
     import httpx
     from label_studio_sdk import LabelStudio
-    from label_studio_sdk.core.api_error import ApiError
     from rich.progress import track
 
     base_url, key = studio_env()
     client = LabelStudio(base_url=base_url, api_key=key)
-    try:
+    with studio_errors(base_url, f"project {project_id}"):
         project = client.projects.get(id=project_id)
         tasks = client.projects.exports.as_json(project_id)
-    except ApiError as exc:
-        raise DetopsError(f"Label Studio project {project_id}: HTTP {exc.status_code}: {exc.body}") from None
-    except httpx.HTTPError as exc:
-        raise DetopsError(f"Label Studio at {base_url}: {exc.__class__.__name__}: {exc}") from None
     config = parse_labeling_config(project.label_config or "", f"project {project_id} labeling config")
 
     out = Path(out)
@@ -253,7 +265,8 @@ def pull(project_id: int, out: Path) -> Path:
     # The SDK's own auth headers: they know legacy tokens ("Token") from personal access tokens (JWT).
     headers = client._client_wrapper.get_headers()
     seen: dict[str, str] = {}
-    with httpx.Client(headers=headers, timeout=60, follow_redirects=True) as http:
+    with httpx.Client(headers=headers, timeout=60, follow_redirects=True) as http, \
+            studio_errors(base_url, f"project {project_id} images"):
         for task in track(tasks, description=f"pull project {project_id}", transient=True):
             ref = str(task.get("data", {}).get(config.image_key, ""))
             url = media_url(base_url, ref)

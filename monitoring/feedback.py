@@ -79,6 +79,9 @@ def prediction(row: Any, class_names: list[str], from_name: str, to_name: str) -
     w, h = float(row.width), float(row.height)
     result = []
     for x1, y1, x2, y2, cls, conf in json.loads(row.detections):
+        if not 0 <= int(cls) < len(class_names):
+            raise DetopsError(f"image {row.image_sha256}: the model predicted class id {int(cls)} but the "
+                              f"labeling config has {len(class_names)} labels ({', '.join(class_names)})")
         result.append({"from_name": from_name, "to_name": to_name, "type": "rectanglelabels",
                        "original_width": int(w), "original_height": int(h), "score": conf,
                        "value": {"x": 100 * x1 / w, "y": 100 * y1 / h, "width": 100 * (x2 - x1) / w,
@@ -107,7 +110,7 @@ def _state(path: Path) -> dict[str, str]:
 def push(window: pd.DataFrame, cfg: PushConfig, *, labeling_config: str, drifted: bool = False,
          images: Path | None = None, batch_id: str | None = None) -> PushResult:
     """Select from `window` and create Label Studio tasks (or write `cfg.out` when no server is set)."""
-    from labeling.studio import parse_labeling_config
+    from labeling.studio import parse_labeling_config, studio_errors
 
     config = parse_labeling_config(labeling_config, "push labeling config")
     from_name, to_name = _tag_names(labeling_config)
@@ -122,8 +125,9 @@ def push(window: pd.DataFrame, cfg: PushConfig, *, labeling_config: str, drifted
     server = os.environ.get("LABEL_STUDIO_URL")
     client, project_id, existing = None, None, set()
     if server:
-        client, project_id = _project(cfg.project_title, labeling_config)
-        existing = _existing_hashes(client, project_id)
+        with studio_errors(server, f"project {cfg.project_title!r}"):
+            client, project_id = _project(cfg.project_title, labeling_config)
+            existing = _existing_hashes(client, project_id)
     tasks, skipped = [], 0
     for row in chosen.itertuples():
         if len(tasks) >= max(budget, 0):
@@ -139,8 +143,9 @@ def push(window: pd.DataFrame, cfg: PushConfig, *, labeling_config: str, drifted
                       "predictions": [prediction(row, config.class_names, from_name, to_name)]})
     if client is not None and tasks:
         folders = {str((root / t["data"][config.image_key].split("?d=", 1)[1]).parent) for t in tasks}
-        _ensure_storage(client, project_id, folders)
-        client.projects.import_tasks(id=project_id, request=tasks, return_task_ids=True)
+        with studio_errors(server, f"project {project_id}: import {len(tasks)} tasks"):
+            _ensure_storage(client, project_id, folders)
+            client.projects.import_tasks(id=project_id, request=tasks, return_task_ids=True)
     out = None
     if client is None:
         out = Path(cfg.out)

@@ -55,9 +55,6 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-PathOpt = Annotated[Optional[Path], typer.Option()]
-
-
 # --------------------------------------------------------------------------- data
 @app.command()
 @user_errors
@@ -300,6 +297,8 @@ def simulate(
     typer.echo(f"sent {result.sent} images in {result.seconds:.1f} s ({codes})")
     if result.sent < n:
         raise DetopsError(f"simulate: stopped after {timeout:g} s with {result.sent}/{n} images sent")
+    if not any(code.startswith("2") for code in result.status_codes):
+        raise DetopsError(f"simulate: no request to {url} succeeded ({codes})")
 
 
 @app.command()

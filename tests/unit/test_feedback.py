@@ -84,3 +84,19 @@ def test_push_without_images_says_how_to_keep_them(tmp_path: Path, monkeypatch: 
     window = open_store(_store(tmp_path, keep=False)).read()
     with pytest.raises(DetopsError, match="serve.keep_images: true"):
         push(window, _cfg(tmp_path), labeling_config=labeling_config_xml(CLASSES), drifted=True)
+
+
+def test_push_to_an_unreachable_server_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LABEL_STUDIO_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.setenv("LABEL_STUDIO_API_KEY", "token")
+    window = open_store(_store(tmp_path)).read()
+    with pytest.raises(DetopsError, match=r"Label Studio at http://127.0.0.1:9, project 'detops feedback': Connect"):
+        push(window, _cfg(tmp_path), labeling_config=labeling_config_xml(CLASSES), drifted=True)
+
+
+def test_push_refuses_a_labeling_config_with_fewer_labels_than_the_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    window = open_store(_store(tmp_path)).read()
+    with pytest.raises(DetopsError, match="predicted class id .* but the labeling config has 1 labels"):
+        push(window, _cfg(tmp_path), labeling_config=labeling_config_xml(CLASSES[:1]), drifted=True)

@@ -63,7 +63,12 @@ def test_simulate_sends_rate_limited_shifted_images(server) -> None:  # noqa: AN
 def test_simulate_counts_transport_errors_and_stops_at_timeout() -> None:
     result = simulate("http://127.0.0.1:9", 50, rate=100.0, timeout_s=0.3,
                       synth=SynthesizeConfig(min_side=64, max_side=64))
-    assert result.sent < 50 and all(code.startswith("error:") for code in result.status_codes)
+    assert 1 <= result.sent < 50 and all(code.startswith("error:") for code in result.status_codes)
+
+
+def test_simulate_cli_fails_when_no_request_succeeds() -> None:
+    result = CliRunner().invoke(app, ["simulate", "--url", "http://127.0.0.1:9", "--n", "2", "--rate", "50"])
+    assert result.exit_code == 1 and "no request to http://127.0.0.1:9 succeeded" in result.output
 
 
 def test_simulate_cli_and_bad_input(server) -> None:  # noqa: ANN001
