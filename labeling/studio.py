@@ -89,6 +89,8 @@ def load_export(path: Path) -> list[Task]:
         raise DetopsError(f"{path}: export file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DetopsError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise DetopsError(f"{path}: cannot read the export ({exc.strerror or exc})") from None
     if isinstance(raw, dict):
         raw = [raw]
     if not isinstance(raw, list):
@@ -143,6 +145,8 @@ def load_labeling_config(path: Path) -> LabelingConfig:
         xml = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DetopsError(f"{path}: labeling config not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DetopsError(f"{path}: cannot read the labeling config ({exc})") from None
     return parse_labeling_config(xml, str(path))
 
 

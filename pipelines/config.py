@@ -64,7 +64,7 @@ class SplitFractions(Section):
 
 class IngestConfig(Section):
     export: Path | list[Path] = Path("data/raw/export.json")  # several: tasks merged, images deduplicated
-    labeling_config: Path | None = Path("data/raw/labeling_config.xml")  # None: <export dir>/labeling_config.xml
+    labeling_config: Path | None = None  # None: <export dir>/labeling_config.xml
     images_root: Path | None = None  # default: each export's own folder
     out: Path = Path("data/dataset")
     split: SplitFractions = SplitFractions()
@@ -146,7 +146,8 @@ class TrainConfig(Section):
     epochs: int = Field(12, ge=1)
     batch: int = Field(16, ge=1)
     lr0: float = Field(0.01, gt=0)
-    optimizer: str = "AdamW"
+    # ultralytics' names; it would refuse any other only after the MLflow run and dataloaders started.
+    optimizer: Literal["SGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSProp", "auto"] = "AdamW"
     patience: int = Field(100, ge=0)
     seed: int = 0
     device: str = "cpu"
@@ -176,6 +177,8 @@ class SearchDim(Section):
                 raise ValueError("a categorical dimension needs a non-empty 'choices' list")
         elif self.low is None or self.high is None or self.low > self.high:
             raise ValueError(f"a {self.type} dimension needs 'low' <= 'high'")
+        elif self.log and (self.low <= 0 or self.step is not None):  # what Optuna would refuse mid-study
+            raise ValueError("a log-scale dimension needs 'low' > 0 and no 'step'")
         return self
 
 
@@ -329,7 +332,9 @@ def load_params(path: Path | str | None = None) -> Params:
         try:
             raw = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise DetopsError(f"{file}: not valid YAML ({exc.__class__.__name__}: {exc})") from None
+            raise DetopsError(f"{file}: not valid YAML ({' '.join(str(exc).split())})") from None
+        except (OSError, UnicodeDecodeError) as exc:  # a folder, no permission, binary content
+            raise DetopsError(f"{file}: cannot read the params file ({exc})") from None
         if not isinstance(raw, dict):
             raise DetopsError(f"{file}: expected a mapping of sections, got {type(raw).__name__}")
     try:

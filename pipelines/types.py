@@ -122,12 +122,17 @@ class YoloDataset:
         yaml_path = root / "dataset.yaml"
         if not yaml_path.exists():
             raise DetopsError(f"{root}: not a YOLO dataset (no dataset.yaml)")
-        spec = yaml.safe_load(yaml_path.read_text()) or {}
+        try:
+            spec = yaml.safe_load(yaml_path.read_text()) or {}
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
+            raise DetopsError(f"{yaml_path}: unreadable ({exc.__class__.__name__}: {' '.join(str(exc).split())})") from None
+        if not isinstance(spec, dict):
+            raise DetopsError(f"{yaml_path}: expected a mapping, got {type(spec).__name__}")
         names = spec.get("names")
         if isinstance(names, dict):
             names = [names[k] for k in sorted(names)]
-        if not names:
-            raise DetopsError(f"{yaml_path}: 'names' is missing or empty")
+        if not names or not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise DetopsError(f"{yaml_path}: 'names' must be a non-empty list (or id mapping) of class names")
         splits = tuple(s for s in SPLITS if s in spec)
         return cls(root=root, class_names=list(names), splits=splits)
 
