@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -20,11 +21,30 @@ def read_rgb(source: Path | bytes, name: str | None = None) -> np.ndarray:
 
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            return to_rgb8(ImageOps.exif_transpose(im))
     # ImportError: ultralytics, when loaded, patches Image.open to retry undecodable bytes with the
     # optional pi_heif plugin, which is not installed.
     except (UnidentifiedImageError, OSError, SyntaxError, ImportError) as exc:
         raise DetopsError(f"image {name or source} cannot be decoded ({exc})") from None
+
+
+def to_rgb8(image: Any) -> np.ndarray:
+    """Any Pillow mode as an RGB uint8 HxWx3 array. 16- and 32-bit integer grey levels are scaled
+    (65535 -> 255), not clipped; float images are taken as [0, 1] when they fit, else clipped to
+    [0, 255]; alpha is dropped (as OpenCV, which the training pipeline reads with, does)."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I;16") or grey.max(initial=0) <= 65535 else grey.max()
+        grey = np.clip(grey, 0, top) * (255.0 / top)
+        return np.repeat(np.rint(grey).astype(np.uint8)[..., None], 3, axis=2)
+    if image.mode == "F":
+        grey = np.asarray(image, dtype=np.float64)
+        if grey.size and grey.min() >= 0 and grey.max() <= 1:
+            grey = grey * 255.0
+        return np.repeat(np.rint(np.clip(grey, 0, 255)).astype(np.uint8)[..., None], 3, axis=2)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
 def oriented_size(path: Path) -> tuple[int, int]:

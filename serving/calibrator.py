@@ -15,7 +15,10 @@ from typing import Literal
 
 import numpy as np
 
+from pipelines.errors import DetopsError
+
 _EPS = 1e-6
+PLATT_FEATURES = 5  # logit(confidence), box centre x/y, box width/height
 
 
 def platt_features(raw_conf: np.ndarray, boxes_xyxy: np.ndarray, img_w: np.ndarray | float,
@@ -65,4 +68,16 @@ class Calibrator:
         """Read a calibrator file; a missing file means no calibration (identity)."""
         if not path.exists():
             return cls()
-        return cls(**json.loads(path.read_text()))
+        try:
+            calibrator = cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError, OSError) as exc:  # bad JSON (a ValueError), unknown or missing keys
+            raise DetopsError(f"{path}: not a calibrator file ({exc})") from None
+        # Checked at load time, so a bad file stops the service at start, not every request later.
+        if calibrator.method == "platt" and len(calibrator.coef) != PLATT_FEATURES:
+            raise DetopsError(f"{path}: platt needs {PLATT_FEATURES} coefficients, got {len(calibrator.coef)}")
+        if calibrator.method == "isotonic" and (not calibrator.x_thresholds
+                                                or len(calibrator.x_thresholds) != len(calibrator.y_thresholds)):
+            raise DetopsError(f"{path}: isotonic needs matching, non-empty x_thresholds and y_thresholds")
+        if calibrator.method not in ("identity", "platt", "isotonic"):
+            raise DetopsError(f"{path}: unknown calibration method {calibrator.method!r}")
+        return calibrator

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from pipelines.images import to_rgb8
+
 log = logging.getLogger(__name__)
 
 ALLOWED_FORMATS = frozenset({"JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})  # MPO: multi-frame JPEG
@@ -33,10 +35,6 @@ class RequestRejected(Exception):
         self.code = code
         self.detail = detail
         self.status = status
-
-    def body(self) -> dict[str, str]:
-        """The JSON error body every endpoint answers with."""
-        return {"error": self.code, "detail": self.detail}
 
 
 @dataclass(frozen=True)
@@ -102,25 +100,6 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
                                     422) from None
             rgb = to_rgb8(_oriented(image, name))
     return DecodedImage(rgb=rgb, sha256=hashlib.sha256(data).hexdigest(), format=image.format)
-
-
-def to_rgb8(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode as an RGB uint8 HxWx3 array. 16- and 32-bit integer grey levels are scaled
-    (65535 -> 255), not clipped; float images are taken as [0, 1] when they fit, else clipped to
-    [0, 255]; alpha is dropped (as OpenCV, which the training pipeline reads with, does)."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        grey = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") or grey.max(initial=0) <= 65535 else grey.max()
-        grey = np.clip(grey, 0, top) * (255.0 / top)
-        return np.repeat(np.rint(grey).astype(np.uint8)[..., None], 3, axis=2)
-    if image.mode == "F":
-        grey = np.asarray(image, dtype=np.float64)
-        if grey.size and grey.min() >= 0 and grey.max() <= 1:
-            grey = grey * 255.0
-        return np.repeat(np.rint(np.clip(grey, 0, 255)).astype(np.uint8)[..., None], 3, axis=2)
-    if image.mode != "RGB":
-        image = image.convert("RGB")
-    return np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
 
 
 def _oriented(image: Image.Image, name: str) -> Image.Image:

@@ -161,8 +161,9 @@ class Detector:
         if job.batch is not None:
             try:
                 raw = await self.batcher(job.batch)
-                fresh = self.runtime.postprocess(raw, job.metas, conf=conf, iou=iou, max_det=max_det,
-                                                 classes=classes)
+                # NMS and calibration in a thread too: the event loop keeps taking requests meanwhile.
+                fresh = await asyncio.to_thread(self.runtime.postprocess, raw, job.metas, conf=conf, iou=iou,
+                                                max_det=max_det, classes=classes)
             except Overloaded as exc:
                 raise RequestRejected("overloaded", str(exc), 503) from None
             except InferenceFailed as exc:  # logged with its traceback by the batcher
@@ -211,7 +212,7 @@ class Detector:
     def _infer_letterboxed(self, batch: np.ndarray) -> np.ndarray:
         """Letterboxed RGB uint8 (N, S, S, 3) -> raw model output (N, 4 + classes, anchors); runs in the
         batcher's worker thread."""
-        tensor = batch.transpose(0, 3, 1, 2).astype(np.float32)
+        tensor = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)  # ORT would copy it else
         tensor *= np.float32(self.runtime.card.preprocessing.scale)
         return self.runtime.infer(tensor)
 

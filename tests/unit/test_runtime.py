@@ -235,3 +235,16 @@ def test_runtime_imports_neither_torch_nor_ultralytics() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[2])
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "not a calibrator file"),
+    ('{"method": "platt", "coef": [1, 2]}', "platt needs 5 coefficients, got 2"),
+    ('{"method": "isotonic", "x_thresholds": [0, 1], "y_thresholds": [0]}', "isotonic needs matching"),
+    ('{"method": "magic"}', "unknown calibration method 'magic'"),
+    ('{"method": "platt", "slope": 2}', "not a calibrator file"),
+])
+def test_a_bad_calibrator_file_is_refused_when_loaded(tmp_path: Path, content: str, message: str) -> None:
+    (tmp_path / "calibrator.json").write_text(content)
+    with pytest.raises(DetopsError, match=message):
+        Calibrator.load(tmp_path / "calibrator.json")
