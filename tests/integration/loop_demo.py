@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from unittest import mock
 
 from pipelines import environment
+from tests.serving_process import free_port
 
 SIDES = {"min_side": 96, "max_side": 160}
 USER, PASSWORD, TOKEN = "loop@detops.local", "detops-loop-pass", "detopsloop0123456789abcdef"
@@ -32,12 +32,6 @@ class LoopResult:
     version: str
     tags: dict[str, str]
     seconds: float
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24) -> LoopResult:
@@ -99,7 +93,7 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
                    model_name=runtime.card.name, model_version="loop-base")
     logger.close()
 
-    port = _free_port()
+    port = free_port()
     say(f"4. start Label Studio on 127.0.0.1:{port}")
     server = labelstudio_server.start(work / "labelstudio", port, USER, PASSWORD, TOKEN, document_root=store_dir)
     try:

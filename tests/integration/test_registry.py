@@ -165,17 +165,15 @@ def test_cli_register_exits_zero_when_gates_fail(evaluated: tuple[Path, Path], y
 
 def test_mlflow_ui_serves_the_project_store(evaluated: tuple[Path, Path], yolo_dataset: Path) -> None:
     import signal
-    import socket
     import time
 
     import httpx
 
     from evaluation.registry import mlflow_ui_command, register
+    from tests.serving_process import free_port
 
     register(_cfg("test-ui", evaluated, yolo_dataset, PASSING), EVALUATE)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = mlflow_ui_command("127.0.0.1", port)
     assert command[command.index("--backend-store-uri") + 1] == os.environ["MLFLOW_TRACKING_URI"]
     server = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "mlflow-ui", "--port", str(port)],
