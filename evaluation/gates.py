@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipelines.config import Gates
+from pipelines.config.model import Gates
 from pipelines.errors import DetopsError
 
 METRIC_KEYS = {"map50_95": "map50_95", "dece_calibrated": "dece_calibrated", "latency_ms": "latency_ms_batch1"}

@@ -22,9 +22,17 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from labeling.studio import Annotation, LabelingConfig, Region, Task, image_name, load_export
-from labeling.studio import load_labeling_config, resolve_image
-from pipelines.config import IngestConfig, SplitFractions
+from labeling.studio import (
+    Annotation,
+    LabelingConfig,
+    Region,
+    Task,
+    image_name,
+    load_export,
+    load_labeling_config,
+    resolve_image,
+)
+from pipelines.config.data import IngestConfig, SplitFractions
 from pipelines.environment import cache_dir
 from pipelines.errors import DetopsError
 from pipelines.files import atomic_dir
@@ -369,10 +377,7 @@ class _Ingest:
 
 
 def _labeling_config(cfg: IngestConfig) -> tuple[LabelingConfig | None, Path | None]:
-    path = cfg.labeling_config
-    if path is None:
-        beside = cfg.exports[0].parent / "labeling_config.xml"
-        path = beside if beside.is_file() else None
+    path = cfg.labeling_config_file
     return (load_labeling_config(path), path) if path is not None else (None, None)
 
 

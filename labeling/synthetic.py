@@ -21,15 +21,15 @@ import json
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
 import cv2
 import numpy as np
 
-from pipelines.config import SynthesizeConfig
+from pipelines.config.data import SynthesizeConfig
 from pipelines.errors import DetopsError
 from pipelines.types import Box
 
@@ -54,6 +54,7 @@ UPLOAD_PROJECT = 1  # the `<P>` of `/data/upload/<P>/<name>`: Label Studio's pro
 UPLOAD_SHARE = 0.1  # share of tasks that reference an uploaded file instead of local-files storage
 MIN_VISIBLE = 0.4  # objects less visible than this (occluded or outside the image) are not drawn
 SIZE_RANGE = (0.06, 0.45)  # object extent as a share of the image's shorter side, in distribution
+JPEG_QUALITY = 92  # of the written images
 EXPORT_EPOCH = datetime(2024, 5, 6, 9, 0, 0, tzinfo=timezone.utc)  # fixed: timestamps are deterministic
 
 
@@ -131,10 +132,7 @@ def synthesize(cfg: SynthesizeConfig) -> Path:
         job = progress.add_task(f"synthesizing {cfg.n_images} images", total=cfg.n_images)
         for index in range(cfg.n_images):
             sample = _render(cfg, index, plan)
-            ok, encoded = cv2.imencode(".jpg", sample.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
-            if not ok:
-                raise DetopsError(f"could not encode image {sample.name} as JPEG")
-            (images_dir / sample.name).write_bytes(encoded.tobytes())
+            (images_dir / sample.name).write_bytes(jpeg_bytes(sample))
             written.add(sample.name)
             truths[sample.name] = sample.truth
             tasks.append(_task(cfg, index, sample, plan.get(index), annotation_ids))
@@ -160,6 +158,14 @@ def render(cfg: SynthesizeConfig, index: int) -> SyntheticImage:
     if not 0 <= index < cfg.n_images:
         raise DetopsError(f"image index {index} out of range 0..{cfg.n_images - 1}")
     return _render(cfg, index, _messiness_plan(cfg))
+
+
+def jpeg_bytes(sample: SyntheticImage) -> bytes:
+    """A rendered image as the JPEG file `synthesize` writes (clients re-rendering traffic send these)."""
+    ok, encoded = cv2.imencode(".jpg", sample.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise DetopsError(f"could not encode image {sample.name} as JPEG")
+    return encoded.tobytes()
 
 
 def load_ground_truth(root: Path | str) -> dict[str, ImageTruth]:

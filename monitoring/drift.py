@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from monitoring.store import BASE_COLUMNS, EMBEDDING_PREFIX, open_store
-from pipelines.config import DriftConfig
+from pipelines.config.monitoring import DriftConfig
 from pipelines.errors import DetopsError, DriftDetected
 
 if TYPE_CHECKING:

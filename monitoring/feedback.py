@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipelines.config import PushConfig
+from pipelines.config.monitoring import PushConfig
 from pipelines.errors import DetopsError
 
 if TYPE_CHECKING:
@@ -92,8 +92,9 @@ def prediction(row: Any, class_names: list[str], from_name: str, to_name: str) -
 
 
 def _tag_names(xml: str) -> tuple[str, str]:
-    from labeling.studio import parse_labeling_config
     from label_studio_sdk.label_interface import LabelInterface
+
+    from labeling.studio import parse_labeling_config
 
     parsed = parse_labeling_config(xml)
     control = next(c for c in LabelInterface(xml).controls if c.name == parsed.rectangle_tags[0])

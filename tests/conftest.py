@@ -31,7 +31,7 @@ def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
 def raw_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A synthetic Label Studio project (export.json, images/, labeling_config.xml), 48 images."""
     from labeling.synthetic import synthesize
-    from pipelines.config import SynthesizeConfig
+    from pipelines.config.data import SynthesizeConfig
 
     out = tmp_path_factory.mktemp("raw")
     synthesize(SynthesizeConfig(out=out, n_images=48, seed=1, min_side=96, max_side=160))
@@ -42,7 +42,7 @@ def raw_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def yolo_dataset(raw_project: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The raw project ingested into a split YOLO dataset."""
     from labeling.ingest import ingest
-    from pipelines.config import IngestConfig
+    from pipelines.config.data import IngestConfig
 
     out = tmp_path_factory.mktemp("dataset") / "dataset"
     ingest(IngestConfig(export=raw_project / "export.json",
@@ -53,7 +53,7 @@ def yolo_dataset(raw_project: Path, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="session")
 def trained_model_dir(yolo_dataset: Path, mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny model trained for real (imgsz 64, 2 epochs): best.pt, model.onnx, model_card.json."""
-    from pipelines.config import TrainConfig
+    from pipelines.config.model import TrainConfig
     from training.train import train
 
     out = tmp_path_factory.mktemp("models")

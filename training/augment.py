@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import AugmentConfig
+from pipelines.config.data import AugmentConfig
 from pipelines.errors import DetopsError
 from pipelines.files import atomic_dir
 from pipelines.images import read_rgb

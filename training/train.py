@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import shutil
 import subprocess
 import tempfile
@@ -21,8 +20,9 @@ from typing import Any
 import yaml
 
 from pipelines import environment
-from pipelines.config import TrainConfig
+from pipelines.config.model import TrainConfig
 from pipelines.errors import DetopsError
+from pipelines.tracking import metric_name
 from pipelines.types import YoloDataset
 from serving.runtime import CALIBRATOR_FILE, CARD_FILE, MODEL_FILE, WEIGHTS_FILE, ModelCard, Thresholds
 
@@ -70,7 +70,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         best = Path(trainer.best)
         if not best.is_file():
             raise DetopsError(f"training wrote no {best} (did every epoch fail?)")
-        metrics = {sanitize_metric_name(k): float(v) for k, v in trainer.metrics.items()}
+        metrics = {metric_name(k): float(v) for k, v in trainer.metrics.items()}
         mlflow.log_metrics({f"best/{k}": v for k, v in metrics.items()})
 
         with tempfile.TemporaryDirectory(prefix=".train-", dir=_parent(cfg.out)) as tmp:
@@ -176,17 +176,12 @@ def dataset_hash(dataset: Path) -> tuple[str, str]:
     return digest.hexdigest(), "content sha256"
 
 
-def sanitize_metric_name(name: str) -> str:
-    """ultralytics names like `metrics/mAP50-95(B)` as MLflow accepts them: `metrics/mAP50-95_B`."""
-    return re.sub(r"[^\w\-./ :]+", "_", name).strip("_")
-
-
 def _log_epoch(trainer: Any) -> None:
     """ultralytics callback: this epoch's train losses, validation metrics and learning rates."""
     import mlflow
 
     values = {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.metrics, **trainer.lr}
-    mlflow.log_metrics({sanitize_metric_name(k): float(v) for k, v in values.items()}, step=trainer.epoch + 1)
+    mlflow.log_metrics({metric_name(k): float(v) for k, v in values.items()}, step=trainer.epoch + 1)
 
 
 def _write_report(report: Path, save_dir: Path, metrics: dict[str, float], run_id: str) -> None:

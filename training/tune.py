@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from pipelines.config import SearchDim, TrainConfig, TuneConfig, override
+from pipelines.config.base import override
+from pipelines.config.model import SearchDim, TrainConfig, TuneConfig
 from pipelines.errors import DetopsError
 
 VAL_METRIC = "metrics/mAP50-95(B)"  # ultralytics' validation mAP50-95, the objective
@@ -134,14 +135,15 @@ def _objective(cfg: TuneConfig, train_cfg: TrainConfig, train_keys: set[str], hy
                parent_id: str, client: Any) -> Callable[[Any], float]:
     import optuna
 
-    from training.train import sanitize_metric_name, train
+    from pipelines.tracking import metric_name
+    from training.train import train
 
     def objective(trial: optuna.Trial) -> float:
         values = suggest(trial, cfg.space)
         with tempfile.TemporaryDirectory(prefix="detops-tune-") as tmp:
             root = Path(tmp)
             trial_cfg = override(
-                train_cfg, prefix="train", epochs=cfg.epochs, out=root / "models", runs=root / "runs",
+                train_cfg, epochs=cfg.epochs, out=root / "models", runs=root / "runs",
                 report=root / "report", experiment=cfg.experiment,
                 hyp={**train_cfg.hyp, **{k: values[k] for k in hyp_keys}}, **{k: values[k] for k in train_keys})
             pruned: list[int] = []
@@ -163,7 +165,7 @@ def _objective(cfg: TuneConfig, train_cfg: TrainConfig, train_keys: set[str], hy
         if pruned:
             client.set_tag(result.run_id, "optuna.pruned_at_epoch", str(pruned[0]))
             raise optuna.TrialPruned(f"pruned after epoch {pruned[0]}")
-        return result.metrics[sanitize_metric_name(VAL_METRIC)]
+        return result.metrics[metric_name(VAL_METRIC)]
 
     return objective
 

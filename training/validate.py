@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import ValidateConfig
+from pipelines.config.data import ValidateConfig
 from pipelines.errors import DataValidationError, DetopsError
 from pipelines.types import YoloDataset
 

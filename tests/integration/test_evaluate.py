@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from evaluation.coco import coco_metrics
-from pipelines.config import EvaluateConfig
+from pipelines.config.model import EvaluateConfig
 from pipelines.errors import DetopsError
 from serving.calibrator import Calibrator
 from serving.runtime import ModelRuntime

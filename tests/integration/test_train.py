@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.config import TrainConfig
+from pipelines.config.model import TrainConfig
 from pipelines.errors import DetopsError
 from pipelines.types import YoloDataset
 from serving.runtime import CALIBRATOR_FILE, CARD_FILE, MODEL_FILE, WEIGHTS_FILE, ModelCard, letterbox

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.config import SearchDim, TrainConfig, TuneConfig, override
+from pipelines.config.base import override
+from pipelines.config.model import SearchDim, TrainConfig, TuneConfig
 from pipelines.errors import DetopsError
 
 SPACE = {

@@ -24,7 +24,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import LoadTestConfig, load_section, override
+from pipelines.config.base import load_section, override
+from pipelines.config.serving import LoadTestConfig
 from pipelines.errors import DetopsError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +35,7 @@ IMAGES_ENV = "DETOPS_LOAD_IMAGES"  # a folder of images the locustfile sends ins
 
 def load_config(params: Path | None = None) -> LoadTestConfig:
     """The `loadtest:` section of params.yaml ($DETOPS_PARAMS or ./params.yaml)."""
-    return load_section("loadtest", params)
+    return load_section(LoadTestConfig, params)
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the service's result cache on")
     args = parser.parse_args(argv)
     try:
-        cfg = override(load_config(), prefix="loadtest", **vars(args))
+        cfg = override(load_config(), **vars(args))
         if not (cfg.model_dir / "model.onnx").is_file():
             raise DetopsError(f"{cfg.model_dir}: no model.onnx; run `make pipeline` first, or pass --model-dir DIR")
         return _run(cfg)

@@ -12,8 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from pipelines.config import PARAMS_ENV, AugmentConfig, TransformSpec
+from pipelines.cli.main import app
+from pipelines.config.base import PARAMS_ENV
+from pipelines.config.data import AugmentConfig, TransformSpec
 from pipelines.errors import DetopsError
 from pipelines.types import SPLITS, YoloDataset, YoloLabel, read_yolo_labels, write_yolo_labels
 from training.augment import augment

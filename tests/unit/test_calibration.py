@@ -7,9 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from evaluation.calibration import (CalibrationSet, NotEnoughCalibrationData, calibrated, calibration_set,
-                                    dece, ece, fit_calibrator, match_detections, plot_reliability,
-                                    reliability)
+from evaluation.calibration import (
+    CalibrationSet,
+    NotEnoughCalibrationData,
+    calibrated,
+    calibration_set,
+    dece,
+    ece,
+    fit_calibrator,
+    match_detections,
+    plot_reliability,
+    reliability,
+)
 from pipelines.errors import DetopsError
 from pipelines.types import Box, Detection
 from serving.calibrator import Calibrator

@@ -11,8 +11,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from evaluation.coco import (PerImageEval, bootstrap_map_delta, coco_detections, coco_ground_truth,
-                             coco_metrics, image_ids)
+from evaluation.coco import (
+    PerImageEval,
+    bootstrap_map_delta,
+    coco_detections,
+    coco_ground_truth,
+    coco_metrics,
+    image_ids,
+)
 from pipelines.errors import DetopsError
 from pipelines.types import Box, Detection, YoloDataset, YoloLabel, write_yolo_labels
 

@@ -2,13 +2,41 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 
 import pytest
 
-from pipelines.config import load_params, load_section
+import pipelines.config
+from pipelines.config.base import Section, load_section, read_params
+from pipelines.environment import PROJECT_ROOT
 from pipelines.errors import DetopsError
 from pipelines.types import YoloDataset
+
+
+def sections() -> dict[str, type[Section]]:
+    """Every top-level section model of every module of pipelines.config, by its params.yaml key."""
+    found = {}
+    for info in pkgutil.iter_modules(pipelines.config.__path__):
+        module = importlib.import_module(f"pipelines.config.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Section) and value.section:
+                found[value.section] = value
+    return found
+
+
+def load_all(path: Path) -> None:
+    for key in read_params(path):
+        if key not in sections():
+            raise DetopsError(f"{path}: {key}: unknown section")
+        load_section(sections()[key], path)
+
+
+def test_the_repository_params_are_valid_and_every_section_is_written_out() -> None:
+    path = PROJECT_ROOT / "params.yaml"
+    load_all(path)
+    assert set(read_params(path)) == set(sections())  # every setting a user can change is in the file
 
 
 def _params(tmp_path: Path, text: str) -> Path:
@@ -26,18 +54,23 @@ def _params(tmp_path: Path, text: str) -> Path:
     ("validate: {min_box_side_px: -1}", "validate.min_box_side_px"),
     ("[1, 2]", "expected a mapping of sections"),
     ("train: [", "not valid YAML"),
+    ("trian: {epochs: 3}", "trian: unknown section"),
+    ("train: [1]", "train: expected a mapping of keys"),
 ])
 def test_bad_params_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(DetopsError, match=message.replace("(", r"\(")) as info:
-        load_params(_params(tmp_path, text))
+        load_all(_params(tmp_path, text))
     assert "\n" not in str(info.value)
 
 
 def test_overrides_are_validated_like_the_file(tmp_path: Path) -> None:
     path = _params(tmp_path, "train: {epochs: 3}")
-    assert load_section("train", path, imgsz=192).imgsz == 192
+    from pipelines.config.model import TrainConfig
+
+    assert load_section(TrainConfig, path, imgsz=192).imgsz == 192
+    assert load_section(TrainConfig, path, imgsz=192).epochs == 3
     with pytest.raises(DetopsError, match="train.imgsz: Input should be a multiple of 32"):
-        load_section("train", path, imgsz=100)
+        load_section(TrainConfig, path, imgsz=100)
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -15,8 +15,9 @@ from monitoring.drift import compare, run_drift
 from monitoring.logger import PredictionLogger
 from monitoring.reference import build_reference, featurize_files, load_reference, save_reference
 from monitoring.store import records_frame
-from pipelines.cli import app
-from pipelines.config import DriftConfig, IngestConfig, SplitFractions, SynthesizeConfig
+from pipelines.cli.main import app
+from pipelines.config.data import IngestConfig, SplitFractions, SynthesizeConfig
+from pipelines.config.monitoring import DriftConfig
 from pipelines.errors import DetopsError, DriftDetected
 from pipelines.images import read_rgb
 

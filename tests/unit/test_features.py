@@ -11,7 +11,7 @@ import pytest
 
 from labeling.synthetic import render
 from monitoring.features import EMBEDDING_DIM, detection_summary, image_embedding, image_statistics
-from pipelines.config import SynthesizeConfig
+from pipelines.config.data import SynthesizeConfig
 from pipelines.errors import DetopsError
 from pipelines.types import Box, Detection
 

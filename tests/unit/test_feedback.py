@@ -14,7 +14,7 @@ from labeling.synthetic import labeling_config_xml
 from monitoring.feedback import push, select
 from monitoring.logger import make_record
 from monitoring.store import open_store
-from pipelines.config import PushConfig
+from pipelines.config.monitoring import PushConfig
 from pipelines.errors import DetopsError
 from pipelines.types import Box, Detection
 

@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from evaluation.gates import ChampionComparison, GateReport, check_gates, gates_table, load_metrics
-from pipelines.config import Gates
+from pipelines.config.model import Gates
 from pipelines.errors import DetopsError
 
 GATES = Gates(min_map50_95=0.5, max_dece_calibrated=0.1, max_latency_ms=50.0, max_map_regression=0.01)

@@ -12,8 +12,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from labeling.ingest import REPORT_NAME, assign_splits, ingest, rectangle_corners
-from pipelines.cli import app
-from pipelines.config import IngestConfig, SplitFractions
+from pipelines.cli.main import app
+from pipelines.config.data import IngestConfig, SplitFractions
 from pipelines.errors import DetopsError
 from pipelines.types import SPLITS, Box, YoloDataset
 

@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from monitoring.simulate import simulate
-from pipelines.cli import app
-from pipelines.config import SynthesizeConfig
+from pipelines.cli.main import app
+from pipelines.config.data import SynthesizeConfig
 from pipelines.errors import DetopsError
 
 

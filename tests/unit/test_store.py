@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from monitoring.logger import LOG_FAILURES, PredictionLogger, make_record
 from monitoring.store import SQLiteStore, open_store, parse_age
-from pipelines.cli import app
+from pipelines.cli.main import app
 from pipelines.errors import DetopsError
 from pipelines.types import Box, Detection
 

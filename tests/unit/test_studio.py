@@ -12,9 +12,16 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 from typer.testing import CliRunner
 
-from labeling.studio import (image_name, load_export, media_url, parse_labeling_config, pull, resolve_image,
-                             studio_env)
-from pipelines.cli import app
+from labeling.studio import (
+    image_name,
+    load_export,
+    media_url,
+    parse_labeling_config,
+    pull,
+    resolve_image,
+    studio_env,
+)
+from pipelines.cli.main import app
 from pipelines.errors import DetopsError
 
 CONFIG = """<View>

@@ -13,7 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from labeling.synthetic import MESSINESS_CASES, labeling_config_xml, load_ground_truth, render, synthesize
-from pipelines.config import SynthesizeConfig, load_section, override
+from pipelines.config.base import load_section, override
+from pipelines.config.data import SynthesizeConfig
 from pipelines.errors import DetopsError
 
 SMALL = dict(n_images=20, seed=5, min_side=96, max_side=160)
@@ -281,16 +282,16 @@ def test_bad_configs_are_refused_in_one_line() -> None:
     with pytest.raises(DetopsError, match="unknown shape"):
         render(SynthesizeConfig(classes=["square", "pentagon"]), 0)
     with pytest.raises(DetopsError, match="synthesize.*min_side"):
-        override(SynthesizeConfig(), prefix="synthesize", min_side=300, max_side=200)
+        override(SynthesizeConfig(), min_side=300, max_side=200)
     with pytest.raises(DetopsError, match="synthesize.shift"):
-        load_section("synthesize", shift="foggy")
+        load_section(SynthesizeConfig, shift="foggy")
     with pytest.raises(DetopsError, match="unseen_class"):
         render(SynthesizeConfig(classes=["square", "circle", "triangle", "star", "hexagon", "cross"],
                                 shift="unseen_class"), 0)
 
 
 def test_cli_synthesize(tmp_path: Path) -> None:
-    from pipelines.cli import app
+    from pipelines.cli.main import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["synthesize", "--out", str(tmp_path / "p"), "--n-images", "3", "--seed", "4",

@@ -12,8 +12,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from pipelines.cli import app
-from pipelines.config import PARAMS_ENV, MinInstances, ValidateConfig
+from pipelines.cli.main import app
+from pipelines.config.base import PARAMS_ENV
+from pipelines.config.data import MinInstances, ValidateConfig
 from pipelines.errors import DataValidationError, DetopsError
 from pipelines.types import YoloDataset, YoloLabel, write_yolo_labels
 from training.validate import validate

@@ -1,0 +1,12 @@
+"""The `detops` command: the app of `pipelines.cli.common` with every verb module registered, in the
+order of the lifecycle."""
+
+# isort: off
+from pipelines.cli import data, model, registry, serving, monitoring  # noqa: F401 (each registers its verbs)
+from pipelines.cli.common import app
+# isort: on
+
+__all__ = ["app"]
+
+if __name__ == "__main__":
+    app()
