@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import re
 import statistics
 import time
 import warnings
@@ -29,10 +28,11 @@ from evaluation.calibration import (
     reliability,
 )
 from evaluation.coco import CocoMetrics, coco_detections, coco_ground_truth, coco_metrics, image_ids
-from monitoring.reference import REFERENCE_FILE, build_reference, save_reference
-from pipelines.config import EvaluateConfig
+from monitoring.reference import build_reference, save_reference
+from pipelines.config.model import EvaluateConfig
 from pipelines.errors import DetopsError
 from pipelines.images import read_rgb
+from pipelines.registry import EVALUATION_ARTIFACTS, REFERENCE_FILE
 from pipelines.types import Detection, YoloDataset
 
 CONFUSION_IOU = 0.5
@@ -261,7 +261,7 @@ def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calib
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipelines.tracking import ensure_experiment, resume_run, tracking_uri
+    from pipelines.tracking import ensure_experiment, metric_name, resume_run, tracking_uri
 
     mlflow.set_tracking_uri(tracking_uri())
     exists = False
@@ -279,9 +279,9 @@ def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calib
         ensure_experiment(experiment)
         context = mlflow.start_run(run_name="evaluate")
     # Class names become parts of metric names: keep to the characters MLflow accepts.
-    safe = {re.sub(r"[^\w\-./ ]", "_", k): v for k, v in _flat_numbers(metrics).items()}
+    safe = {metric_name(k): v for k, v in _flat_numbers(metrics).items()}
     with context as run:
         mlflow.log_metrics({f"test_{k}": v for k, v in safe.items()})
-        mlflow.log_artifacts(str(out), artifact_path="evaluation")
-        mlflow.log_artifact(str(calibrator_path), artifact_path="evaluation")
+        mlflow.log_artifacts(str(out), artifact_path=EVALUATION_ARTIFACTS)
+        mlflow.log_artifact(str(calibrator_path), artifact_path=EVALUATION_ARTIFACTS)
         return run.info.run_id

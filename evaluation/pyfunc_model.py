@@ -11,9 +11,9 @@ Output: a DataFrame with one row per detection, columns `OUTPUT_COLUMNS`: `image
 row), the box `x1, y1, x2, y2` in pixels of the original image, `class_id`, `class_name`,
 `confidence` (calibrated) and `raw_confidence` (the model's score).
 
-The logged model carries its code (this module, `serving/runtime.py`, `serving/calibrator.py`,
-`pipelines/types.py`, `pipelines/errors.py`, `pipelines/images.py`), so `mlflow.pyfunc.load_model` works in an environment
-with numpy, pandas, pillow, pydantic, pyyaml, opencv and onnxruntime but without the repository.
+The logged model carries its code (this module and every project module it imports, found by
+`pipelines.imports`), so `mlflow.pyfunc.load_model` works in an environment with numpy, pandas,
+pillow, pydantic, pyyaml, opencv and onnxruntime but without the repository.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from typing import Any
 import mlflow.pyfunc
 import pandas as pd
 
-MODEL_DIR_ARTIFACT = "model_dir"  # the artifact key: a folder with model.onnx, model_card.json, calibrator.json
+from pipelines.registry import MODEL_DIR_ARTIFACT
+
 INPUT_COLUMN = "image"
 OUTPUT_COLUMNS = ["image_index", "x1", "y1", "x2", "y2", "class_id", "class_name", "confidence",
                   "raw_confidence"]

@@ -1,65 +1,39 @@
-"""`detops register`, `promote`, `rollback` and `mlflow-ui`: the MLflow model registry side of the lifecycle.
+"""`detops register`: gate the evaluated model and add it to the MLflow model registry.
 
 Every `register` logs the evaluated model folder as a pyfunc model (evaluation/pyfunc_model.py) into its
 training run and registers it as a NEW version of `register.model_name`, then:
 
 - alias `challenger` -> the new version, always;
-- the gates (evaluation/gates.py) decide: all pass -> alias `champion` -> the new version, the version
-  it replaced kept in the new champion's tag `previous_champion`; any fail -> `champion` stays put.
-  A failed gate is a result, not an error: `register` exits 0, prints "not promoted" in red and
-  writes the verdict to gates.json.
+- the gates (evaluation/gates.py) decide: all pass -> alias `champion` -> the new version (through
+  `pipelines.registry.set_champion`, which records the version it replaced); any fail -> `champion`
+  stays put. A failed gate is a result, not an error: `register` exits 0, prints "not promoted" in red
+  and writes the verdict to gates.json.
 
-`promote VERSION` moves `champion` by hand (recording the previous champion the same way), `rollback`
-moves it back to the current champion's `previous_champion`.
+The version carries few tags (the gate verdict, provenance, the run's `detops.*` tags) and a short
+Markdown description with the gate table and the evaluation figures, which the MLflow UI shows on the
+version's page; every metric stays on the training run.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from evaluation.gates import ChampionComparison, GateReport, check_gates, gates_table, load_metrics
-from pipelines.config import EvaluateConfig, RegisterConfig
+from pipelines import registry
+from pipelines.config.model import EvaluateConfig, RegisterConfig
 from pipelines.errors import DetopsError
+from pipelines.registry import CHALLENGER, CHAMPION
 
-CHAMPION = "champion"
-CHALLENGER = "challenger"
-PREVIOUS_TAG = "previous_champion"
 GATES_FILE = "gates.json"
-COPIED_RUN_TAGS = ("dataset_hash", "dataset_hash_source", "git_sha", "git_dirty")
+COPIED_RUN_TAGS = ("dataset_hash", "git_sha")
 RUN_TAG_PREFIX = "detops."  # e.g. detops.feedback_batch, set by the monitoring loop on the training run
-# The modules the pyfunc model needs at load time, shipped with it as code (package layout kept).
-PYFUNC_CODE = ("pipelines/__init__.py", "pipelines/errors.py", "pipelines/images.py", "pipelines/types.py",
-               "serving/__init__.py", "serving/calibrator.py", "serving/runtime.py",
-               "evaluation/__init__.py", "evaluation/pyfunc_model.py")
+PYFUNC_MODULE = "evaluation.pyfunc_model"  # shipped with the code it imports (pipelines.imports)
 PYFUNC_REQUIREMENTS = ("mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyaml", "opencv-python-headless",
                        "onnxruntime")
-
-
-def client() -> Any:
-    """An MlflowClient on the project's tracking store."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from pipelines.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    return MlflowClient()
-
-
-def alias_version(mlflow_client: Any, name: str, alias: str) -> str | None:
-    """The version an alias points at, or None when the alias (or the registered model) does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return str(mlflow_client.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
 
 
 def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig) -> GateReport:
@@ -77,11 +51,11 @@ def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig) -> GateReport:
     if not (cfg.model_dir / MODEL_FILE).is_file():
         raise DetopsError(f"{cfg.model_dir}: no {MODEL_FILE} (train the model with `detops train`)")
     metrics = load_metrics(cfg.evaluation / "metrics.json")
-    mlflow_client = client()
+    mlflow_client = registry.client()
     run = _training_run(mlflow_client, card.run_id)
     name = cfg.model_name
 
-    champion = alias_version(mlflow_client, name, CHAMPION)
+    champion = registry.alias_version(name, CHAMPION, mlflow_client)
     comparison = None
     notes = []
     if champion is None:
@@ -93,10 +67,10 @@ def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig) -> GateReport:
 
     version = _log_and_register(cfg, card, card.run_id)
     report.version = version
-    _tag_version(mlflow_client, name, version, report, run, cfg.evaluation / "metrics.json")
+    _describe_version(mlflow_client, name, version, report, run, _read_json(cfg.evaluation / "metrics.json"))
     mlflow_client.set_registered_model_alias(name, CHALLENGER, version)
     if report.passed:
-        set_champion(mlflow_client, name, version, reason="gates")
+        registry.set_champion(name, version, reason="gates", mlflow_client=mlflow_client)
         report.champion_after = version
     report.write(cfg.evaluation / GATES_FILE)
 
@@ -138,16 +112,10 @@ def compare_with_champion(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, cha
 def _champion_runtime(name: str, version: str) -> Any:
     """The champion's model folder from the registry, opened uncalibrated: mAP ranks by raw scores,
     as the challenger's coco_dt.json does."""
-    import mlflow
-
-    from evaluation.pyfunc_model import MODEL_DIR_ARTIFACT
     from serving.runtime import ModelRuntime
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
-    model_dir = local / "artifacts" / MODEL_DIR_ARTIFACT
-    if not model_dir.is_dir():
-        raise DetopsError(f"models:/{name}/{version}: not a detops pyfunc model (no artifacts/{MODEL_DIR_ARTIFACT})")
-    return ModelRuntime.load(model_dir, calibrated=False)
+    dest = Path(tempfile.mkdtemp(prefix="detops-champion-"))  # the session keeps the ONNX file open
+    return ModelRuntime.load(registry.download_model_dir(name, version, dest), calibrated=False)
 
 
 def _log_and_register(cfg: RegisterConfig, card: Any, run_id: str) -> str:
@@ -155,8 +123,10 @@ def _log_and_register(cfg: RegisterConfig, card: Any, run_id: str) -> str:
     import mlflow
     import pandas as pd
 
-    from evaluation.pyfunc_model import MODEL_DIR_ARTIFACT, DetectorPyfunc, signature
+    from evaluation.pyfunc_model import DetectorPyfunc, signature
     from pipelines.environment import PROJECT_ROOT
+    from pipelines.imports import project_files
+    from pipelines.registry import MODEL_DIR_ARTIFACT, PYFUNC_NAME
     from pipelines.tracking import resume_run
     from pipelines.types import YoloDataset
     from serving.runtime import CALIBRATOR_FILE, CARD_FILE, MODEL_FILE
@@ -174,12 +144,12 @@ def _log_and_register(cfg: RegisterConfig, card: Any, run_id: str) -> str:
         for file in (MODEL_FILE, CARD_FILE, CALIBRATOR_FILE):
             shutil.copy2(cfg.model_dir / file, model_dir / file)
         code = staging / "code"
-        for rel in PYFUNC_CODE:
+        for rel in project_files(PYFUNC_MODULE):
             (code / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(PROJECT_ROOT / rel, code / rel)
         with resume_run(run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=DetectorPyfunc(), artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+                name=PYFUNC_NAME, python_model=DetectorPyfunc(), artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
                 code_paths=[str(p) for p in sorted(code.iterdir())], signature=signature(card),
                 input_example=pd.DataFrame({"image": [examples[0].read_bytes()]}),
                 pip_requirements=_pinned_requirements(), registered_model_name=cfg.model_name)
@@ -188,99 +158,36 @@ def _log_and_register(cfg: RegisterConfig, card: Any, run_id: str) -> str:
     return str(info.registered_model_version)
 
 
-def _tag_version(mlflow_client: Any, name: str, version: str, report: GateReport, run: Any,
-                 metrics_path: Path) -> None:
-    """Gate results, evaluation metrics, provenance and the run's `detops.*` tags on the version."""
+def _describe_version(mlflow_client: Any, name: str, version: str, report: GateReport, run: Any,
+                      metrics: dict[str, Any]) -> None:
+    """Few tags (the gate verdict, provenance, the run's `detops.*` tags) and a Markdown description
+    with the gate table and the headline evaluation figures; the metrics themselves stay on the run."""
     tags = {"gates.passed": str(report.passed).lower(), "run_id": run.info.run_id}
-    for check in report.checks:
-        tags[f"gate.{check.name}"] = "pass" if check.passed else "fail"
-        tags[f"gate.{check.name}.value"] = "none" if check.value is None else f"{check.value:.6g}"
-        tags[f"gate.{check.name}.threshold"] = f"{check.comparison} {check.threshold:.6g}"
-    if report.comparison:
-        c = report.comparison
-        tags["gate.no_regression.ci95"] = f"[{c.ci_low:.6g}, {c.ci_high:.6g}]"
-        tags["gate.no_regression.champion"] = c.champion_version
-    for key, value in _read_json(metrics_path).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            tags[f"metric.{key}"] = f"{value:.6g}"
-    for key, value in run.data.tags.items():
-        if key in COPIED_RUN_TAGS or key.startswith(RUN_TAG_PREFIX):
-            tags[key] = value
+    tags |= {k: v for k, v in run.data.tags.items() if k in COPIED_RUN_TAGS or k.startswith(RUN_TAG_PREFIX)}
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(name, version, key, value)
+    mlflow_client.update_model_version(name, version, description=version_description(report, metrics))
 
 
-def set_champion(mlflow_client: Any, name: str, version: str, *, reason: str) -> str | None:
-    """Point `champion` at `version`, recording the champion it replaces in the version's tag
-    `previous_champion`; returns that previous champion (None when there was none)."""
-    previous = alias_version(mlflow_client, name, CHAMPION)
-    if previous == version:
-        return previous
-    if previous is None:
-        if PREVIOUS_TAG in mlflow_client.get_model_version(name, version).tags:
-            mlflow_client.delete_model_version_tag(name, version, PREVIOUS_TAG)
-    else:
-        mlflow_client.set_model_version_tag(name, version, PREVIOUS_TAG, previous)
-    mlflow_client.set_model_version_tag(name, version, "promoted_by", reason)
-    mlflow_client.set_registered_model_alias(name, CHAMPION, version)
-    return previous
-
-
-def promote(name: str, version: str) -> str | None:
-    """`detops promote VERSION`: make an existing version the champion, whatever its gates said."""
-    mlflow_client = client()
-    _existing_version(mlflow_client, name, version)
-    previous = set_champion(mlflow_client, name, str(version), reason="manual")
-    print(f"{name}: @{CHAMPION} -> v{version} (was {_v(previous)})")
-    return previous
-
-
-def rollback(name: str) -> str:
-    """`detops rollback`: point `champion` back at the current champion's previous champion."""
-    mlflow_client = client()
-    current = alias_version(mlflow_client, name, CHAMPION)
-    if current is None:
-        raise DetopsError(f"{name}: no {CHAMPION} to roll back")
-    previous = mlflow_client.get_model_version(name, current).tags.get(PREVIOUS_TAG)
-    if not previous:
-        raise DetopsError(f"{name}: v{current} has no previous champion recorded: nothing to roll back to")
-    _existing_version(mlflow_client, name, previous)
-    # The previous champion keeps its own `previous_champion` tag, so a second rollback goes further back.
-    mlflow_client.set_registered_model_alias(name, CHAMPION, previous)
-    mlflow_client.set_model_version_tag(name, current, "rolled_back", "true")
-    print(f"{name}: @{CHAMPION} -> v{previous} (rolled back from v{current})")
-    return previous
-
-
-def mlflow_ui_command(host: str, port: int) -> list[str]:
-    """The `mlflow ui` command line on the project's tracking store, artifacts served from beside it."""
-    from pipelines.tracking import artifact_location, tracking_uri
-
-    uri = tracking_uri()
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-               "--host", host, "--port", str(port)]
-    artifacts = artifact_location(uri)
-    if artifacts:  # new experiments created from the UI then keep their artifacts beside the database
-        command += ["--artifacts-destination", artifacts]
-    return command
-
-
-def mlflow_ui(host: str, port: int) -> int:
-    """Run the MLflow UI in the foreground until interrupted; its exit code."""
-    command = mlflow_ui_command(host, port)
-    print(f"MLflow UI on http://{host}:{port} (store {command[command.index('--backend-store-uri') + 1]})")
-    return subprocess.call(command)
-
-
-def _existing_version(mlflow_client: Any, name: str, version: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    if not str(version).isdigit():
-        raise DetopsError(f"{name}: version must be a number (got {version!r})")
-    try:
-        return mlflow_client.get_model_version(name, str(version))
-    except MlflowException:
-        raise DetopsError(f"{name}: no version {version} in the registry") from None
+def version_description(report: GateReport, metrics: dict[str, Any]) -> str:
+    """What the MLflow UI shows on a version's page: the verdict, the gate table, the figures."""
+    verdict = "all gates passed" if report.passed else "gates failed: not promoted by the gates"
+    lines = [f"**{verdict}**", "", "| gate | value | threshold | result |", "|---|---|---|---|"]
+    for c in report.checks:
+        value = "-" if c.value is None else f"{c.value:.4g}"
+        result = "pass" if c.passed else "FAIL"
+        lines.append(f"| {c.name} | {value} | {c.comparison} {c.threshold:.4g} | {result} |")
+    if report.comparison:
+        c = report.comparison
+        lines += ["", (f"mAP@.5:.95 vs champion v{c.champion_version}: {c.champion_map50_95:.4f} -> "
+                       f"{c.challenger_map50_95:.4f} (delta {c.delta:+.4f}, "
+                       f"95% CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}])")]
+    figures = [("mAP@.5:.95", "map50_95"), ("mAP@.5", "map50"), ("D-ECE raw", "dece"),
+               ("D-ECE calibrated", "dece_calibrated"), ("latency ms (1 image)", "latency_ms_batch1"),
+               ("test images", "n_test_images")]
+    shown = [f"{label} {metrics[key]:.4g}" for label, key in figures if isinstance(metrics.get(key), (int, float))]
+    lines += ["", "Test split: " + ", ".join(shown) + ". Every metric is on the training run."]
+    return "\n".join(lines)
 
 
 def _training_run(mlflow_client: Any, run_id: str) -> Any:

@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 
     from serving.runtime import ModelRuntime
 
-REFERENCE_FILE = "reference.parquet"  # written by the evaluate stage next to metrics.json
-REFERENCE_ARTIFACT = f"evaluation/{REFERENCE_FILE}"  # where evaluate logs it on the training run
 BATCH = 16
 
 
@@ -65,12 +63,15 @@ def save_reference(df: pd.DataFrame, path: Path) -> Path:
 
 def load_reference(path: Path | None = None, *, model_name: str = "detops-detector",
                    alias: str = "champion") -> pd.DataFrame:
-    """The reference profile from `path`, else from the MLflow model version `models:/<name>@<alias>`
-    (its run's artifact `reference/reference.parquet`)."""
+    """The reference profile from `path`, else the one logged with the registry version
+    `models:/<name>@<alias>` (its training run's `evaluation/reference.parquet`)."""
     import pandas as pd
 
+    from pipelines import registry
+
     if path is None:
-        path = _download_reference(model_name, alias)
+        version = str(registry.resolve(model_name, alias=alias).version)
+        path = registry.download_run_artifact(model_name, version, registry.REFERENCE_ARTIFACT)
     path = Path(path)
     if not path.is_file():
         raise DetopsError(f"{path}: reference profile not found (build it with monitoring.reference)")
@@ -78,18 +79,3 @@ def load_reference(path: Path | None = None, *, model_name: str = "detops-detect
         return pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise DetopsError(f"{path}: not a readable parquet reference ({type(exc).__name__}: {exc})") from None
-
-
-def _download_reference(model_name: str, alias: str) -> Path:
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from pipelines.tracking import tracking_uri
-
-    mlflow.set_tracking_uri(tracking_uri())
-    try:
-        version = mlflow.MlflowClient().get_model_version_by_alias(model_name, alias)
-        return Path(mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=REFERENCE_ARTIFACT))
-    except MlflowException as exc:
-        raise DetopsError(f"models:/{model_name}@{alias}: no reference profile "
-                          f"({exc.message.splitlines()[0]}); pass --reference PATH") from None

@@ -4,6 +4,8 @@ artifacts next to a SQLite store (never in a stray ./mlruns of the working direc
 from __future__ import annotations
 
 import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -49,3 +51,19 @@ def resume_run(run_id: str) -> Any:
     experiment_id = mlflow.MlflowClient().get_run(run_id).info.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return mlflow.start_run(run_id=run_id)
+
+
+def metric_name(name: str) -> str:
+    """A name as MLflow accepts it: ultralytics' `metrics/mAP50-95(B)` -> `metrics/mAP50-95_B`, a
+    class name with other characters likewise."""
+    return re.sub(r"[^\w\-./ :]+", "_", name).strip("_")
+
+
+def mlflow_ui_command(host: str, port: int) -> list[str]:
+    """The `mlflow ui` command line on the project's tracking store, artifacts served from beside it."""
+    uri = tracking_uri()
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    artifacts = artifact_location(uri)
+    if artifacts:  # new experiments created from the UI then keep their artifacts beside the database
+        command += ["--artifacts-destination", artifacts]
+    return command

@@ -1,10 +1,11 @@
 """`detops build`: registry model -> BentoML model store -> bento.
 
-The registry alias (serve.alias, default champion) of serve.model_name is resolved to a version, its
-pyfunc model's artifact folder (model.onnx, model_card.json, calibrator.json) is copied into a new
-BentoML model `<serve.model_name>:<generated version>` labelled with where it came from, and a bento is
-built from serving/bentofile.yaml. `--model-dir` imports a local model folder instead, labelled
-`source: local-dir` and with no registry version (the service then reports `local:<version>`).
+A registry version of serve.model_name (pinned with `--version`, else the one serve.alias points at,
+default champion) is downloaded and its model folder (model.onnx, model_card.json, calibrator.json)
+copied into a new BentoML model `<serve.model_name>:<generated version>` labelled with where it came
+from; a bento is built from serving/bentofile.yaml. `--model-dir` imports a local model folder instead,
+labelled `source: local-dir` and with no registry version (the service then reports `local:<version>`).
+The store is BentoML's own home (~/bentoml, or $BENTOML_HOME), where a plain `bentoml serve` looks.
 """
 
 from __future__ import annotations
@@ -14,9 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipelines.config import ServeConfig
+from pipelines.config.serving import ServeConfig
 from pipelines.environment import PROJECT_ROOT
-from pipelines.errors import DetopsError
 
 BENTOFILE = Path(__file__).with_name("bentofile.yaml")
 MODEL_FILES = ("model.onnx", "model_card.json", "calibrator.json")  # the calibrator is optional
@@ -50,27 +50,6 @@ def import_model_dir(model_dir: Path, *, name: str, labels: dict[str, str]) -> s
     return str(model.tag)
 
 
-def download_registry_model(name: str, alias: str, dest: Path) -> tuple[Path, str]:
-    """The model folder of the registry version `name@alias`, downloaded under `dest`, and that
-    version's number."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    from evaluation.pyfunc_model import MODEL_DIR_ARTIFACT
-
-    try:
-        version = mlflow.MlflowClient().get_model_version_by_alias(name, alias)
-    except MlflowException as exc:
-        raise DetopsError(f"registry: no version of {name!r} has the alias {alias!r} "
-                          f"({exc.error_code}); register and promote a model first") from None
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version.version}", dst_path=str(dest)))
-    model_dir = local / "artifacts" / MODEL_DIR_ARTIFACT
-    if not (model_dir / "model.onnx").is_file():
-        raise DetopsError(f"models:/{name}/{version.version}: not a detops pyfunc model "
-                          f"(no artifacts/{MODEL_DIR_ARTIFACT}/model.onnx)")
-    return model_dir, str(version.version)
-
-
 def build_bento(bentofile: Path = BENTOFILE) -> str:
     """Build the bento (the repository root is the build context); returns its tag."""
     import bentoml
@@ -79,17 +58,31 @@ def build_bento(bentofile: Path = BENTOFILE) -> str:
     return str(bento.tag)
 
 
-def build(cfg: ServeConfig, *, model_dir: Path | None = None, bento: bool = True) -> BuildResult:
-    """Import the model (the registry's `cfg.alias` version, or `model_dir`) and build the bento."""
+def import_registry_version(name: str, *, alias: str | None = None, version: str | None = None) -> tuple[str, dict]:
+    """Import the registry version `name@alias` or `name/version` into the BentoML store; returns
+    the new model's tag and its labels."""
     import tempfile
 
+    from pipelines import registry
+
+    found = str(registry.resolve(name, alias=alias, version=version).version)
+    labels = {"source": "registry", "registry_name": name, "registry_version": found}
+    if alias is not None:
+        labels["alias"] = alias
+    with tempfile.TemporaryDirectory(prefix="detops-build-") as tmp:
+        tag = import_model_dir(registry.download_model_dir(name, found, Path(tmp)), name=name, labels=labels)
+    return tag, labels
+
+
+def build(cfg: ServeConfig, *, model_dir: Path | None = None, version: str | None = None,
+          bento: bool = True) -> BuildResult:
+    """Import the model (`model_dir`, registry `version`, or the registry's `cfg.alias` version) and
+    build the bento."""
     if model_dir is not None:
         labels = {"source": "local-dir", "model_dir": str(Path(model_dir).resolve())}
         tag = import_model_dir(model_dir, name=cfg.model_name, labels=labels)
+    elif version is not None:
+        tag, labels = import_registry_version(cfg.model_name, version=version)
     else:
-        with tempfile.TemporaryDirectory(prefix="detops-build-") as tmp:
-            folder, version = download_registry_model(cfg.model_name, cfg.alias, Path(tmp))
-            labels = {"source": "registry", "registry_name": cfg.model_name, "registry_version": version,
-                      "alias": cfg.alias}
-            tag = import_model_dir(folder, name=cfg.model_name, labels=labels)
+        tag, labels = import_registry_version(cfg.model_name, alias=cfg.alias)
     return BuildResult(model_tag=tag, labels=labels, bento_tag=build_bento() if bento else None)
