@@ -1,16 +1,15 @@
 """A real Label Studio server for tests and the loop demo: installed into its own virtual environment
 (it wants pandas 3, which breaks Evidently in the project's), started on 127.0.0.1 with a known user
-and legacy API token, stopped by PID."""
+and legacy API token, stopped by PID (pipelines.processes)."""
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+from pipelines import processes
 from pipelines.environment import PROJECT_ROOT
 from pipelines.errors import DetopsError
 
@@ -44,12 +43,11 @@ def ensure_installed(venv: Path | str = DEFAULT_VENV, timeout_s: float = 900.0) 
 
 def start(data_dir: Path, port: int, username: str, password: str, token: str, *,
           venv: Path | str = DEFAULT_VENV, document_root: Path | None = None,
-          timeout_s: float = 180.0) -> subprocess.Popen:
-    """Start Label Studio on 127.0.0.1:`port` with its data in `data_dir` and wait for /health; `token`
-    is the user's legacy API token (what LABEL_STUDIO_API_KEY carries).
-    `document_root` enables local-files serving from that folder (how `detops push` shares images)."""
-    import httpx
-
+          timeout_s: float = 180.0) -> int:
+    """Start Label Studio on 127.0.0.1:`port` with its data in `data_dir`, wait for /health, and return
+    its PID (stop it with `pipelines.processes.stop`); `token` is the user's legacy API token (what
+    LABEL_STUDIO_API_KEY carries). `document_root` enables local-files serving from that folder (how
+    `detops push` shares images)."""
     exe = executable(venv)
     if not exe.exists():
         raise DetopsError(f"{exe}: Label Studio is not installed (call ensure_installed)")
@@ -60,34 +58,15 @@ def start(data_dir: Path, port: int, username: str, password: str, token: str, *
     if document_root is not None:
         env |= {"LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED": "true",
                 "LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT": str(Path(document_root).resolve())}
-    log = open(data_dir / "server.log", "ab")  # noqa: SIM115 - the child process owns it
-    process = subprocess.Popen(
-        [str(exe), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
+    log = data_dir / "server.log"
+    process = processes.spawn(
+        [str(exe), "start", "--no-browser", "--internal-host", processes.HOST, "--port", str(port),
          "--username", username, "--password", password, "--user-token", token,
          "--enable-legacy-api-token"],  # 1.23 disables legacy tokens by default: the SDK's api_key is one
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    deadline = time.monotonic() + timeout_s
-    url = f"http://127.0.0.1:{port}/health"
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise DetopsError(f"Label Studio exited with code {process.returncode}; see {data_dir / 'server.log'}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    stop(process)
-    raise DetopsError(f"Label Studio did not answer {url} within {timeout_s:g} s; see {data_dir / 'server.log'}")
-
-
-def stop(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    """Stop the server started by `start`: SIGTERM to its own process group (its workers too), by PID."""
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)  # start_new_session=True: the group id is the PID
+        env=env, log=log)
     try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout_s)
+        processes.wait_ready(f"http://{processes.HOST}:{port}/health", pid=process.pid, log=log, timeout_s=timeout_s)
+    except DetopsError:
+        processes.stop(process.pid)
+        raise
+    return process.pid

@@ -52,7 +52,7 @@ def bench_raw(model_dir: Path, images: list[np.ndarray], batch_sizes: list[int],
     results = {}
     for size in batch_sizes:
         batches = [[images[(start + i) % len(images)] for i in range(size)] for start in range(0, len(images), size)]
-        tensor, _ = runtime.preprocess(batches[0])
+        tensor = runtime.to_input(runtime.letterbox(batches[0])[0])
         results[size] = {
             "full_images_per_s": size * _rate(lambda k, b=batches: runtime.predict(b[k % len(b)]), min_seconds),
             "infer_images_per_s": size * _rate(lambda _k, t=tensor: runtime.infer(t), min_seconds),
@@ -162,12 +162,13 @@ def bench_server(url: str, images: list[bytes], levels: list[int], n_requests: i
 @contextmanager
 def naive_server(model_dir: Path, imgsz: int, workdir: Path):
     """tests/bench/naive_server.py on a free loopback port, stopped by PID afterwards."""
-    from tests.serving_process import free_port, running
+    from pipelines.processes import HOST, free_port, running
 
     port = free_port()
     argv = [sys.executable, "-m", "tests.bench.naive_server", "--weights", str(model_dir / "best.pt"),
             "--imgsz", str(imgsz), "--port", str(port)]
-    with running(argv, port=port, ready_path="/healthz", env=os.environ, log=workdir / "naive.log") as server:
+    with running(argv, url=f"http://{HOST}:{port}", ready_path="/healthz", env=os.environ,
+                 cwd=Path(__file__).resolve().parents[2], log=workdir / "naive.log") as server:
         yield server
 
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
-from pipelines import environment
-from tests.serving_process import free_port
+from pipelines import environment, processes
+from pipelines.processes import free_port
 
 SIDES = {"min_side": 96, "max_side": 160}
 USER, PASSWORD, TOKEN = "loop@detops.local", "detops-loop-pass", "detopsloop0123456789abcdef"
@@ -40,7 +40,7 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
     from label_studio_sdk import LabelStudio
 
     from evaluation.evaluate import evaluate
-    from evaluation.registry import register
+    from evaluation.register import register
     from labeling.ingest import ingest
     from labeling.studio import pull
     from labeling.synthetic import labeling_config_xml, load_ground_truth, synthesize
@@ -48,18 +48,15 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
     from monitoring.feedback import push
     from monitoring.logger import PredictionLogger
     from monitoring.store import open_store
-    from pipelines.config import (
+    from pipelines.config.data import (
         AugmentConfig,
-        EvaluateConfig,
-        Gates,
         IngestConfig,
         MinInstances,
-        PushConfig,
-        RegisterConfig,
         SynthesizeConfig,
-        TrainConfig,
         ValidateConfig,
     )
+    from pipelines.config.model import EvaluateConfig, Gates, RegisterConfig, TrainConfig
+    from pipelines.config.monitoring import PushConfig
     from pipelines.images import read_rgb
     from serving.runtime import ModelRuntime
     from training.augment import augment
@@ -95,7 +92,7 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
 
     port = free_port()
     say(f"4. start Label Studio on 127.0.0.1:{port}")
-    server = labelstudio_server.start(work / "labelstudio", port, USER, PASSWORD, TOKEN, document_root=store_dir)
+    server_pid = labelstudio_server.start(work / "labelstudio", port, USER, PASSWORD, TOKEN, document_root=store_dir)
     try:
         # What `detops push` and `detops pull` read, for this block only.
         studio_env = {"LABEL_STUDIO_URL": f"http://127.0.0.1:{port}", "LABEL_STUDIO_API_KEY": TOKEN}
@@ -129,7 +126,7 @@ def run_loop(work: Path, say: Callable[[str], None] = print, n_shifted: int = 24
             pulled = pull(result.project_id, work / "pulled")
     finally:
         say("   stop Label Studio (by PID)")
-        labelstudio_server.stop(server)
+        processes.stop(server_pid)
 
     say("8. ingest old + new exports, validate, augment, train, evaluate, register")
     ingest(IngestConfig(export=[raw / "export.json", pulled], labeling_config=raw / "labeling_config.xml",

@@ -1,0 +1,129 @@
+"""Server processes: start one in its own process group, wait until its health URL answers, stop the
+whole group by PID. The one supervisor for every server the project starts (the blue/green colours and
+nginx of `detops deploy`, Label Studio, MLflow, the test suite's services).
+
+A server started here outlives the Python process that started it when the caller lets it (deploy
+keeps PIDs in its state file); `stop` works from any process that knows the PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines.errors import DetopsError
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Server:
+    """A running server: its base URL, process id (also its process group id) and log file."""
+
+    url: str
+    pid: int
+    log: Path
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port that is free on `host` right now."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def log_tail(log: Path, chars: int = 3000) -> str:
+    """The end of a server log, for error messages."""
+    return Path(log).read_text(errors="replace")[-chars:] if Path(log).is_file() else "(no log)"
+
+
+def spawn(argv: Sequence[str], *, log: Path, env: Mapping[str, str] | None = None,
+          cwd: Path | None = None) -> subprocess.Popen:
+    """Start `argv` in a new session (its own process group, so `stop` reaches the workers it forks
+    and nothing else), stdout and stderr appended to `log`."""
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:  # the child keeps its own descriptor
+        try:
+            return subprocess.Popen(list(argv), cwd=cwd, env=None if env is None else dict(env), stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        except OSError as exc:
+            raise DetopsError(f"cannot start {argv[0]}: {exc}") from None
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a finished child of ours is reaped, not counted)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child: ask the kernel
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def wait_ready(url: str, *, pid: int, log: Path, timeout_s: float,
+               ready: Callable[[int], bool] = lambda status: status == 200) -> None:
+    """Poll GET `url` until `ready(status)`; a DetopsError with the log's tail when the process exits
+    first or `timeout_s` passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            raise DetopsError(f"process {pid} exited before {url} answered:\n{log_tail(log)}")
+        try:
+            if ready(httpx.get(url, timeout=2).status_code):
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.3)
+    raise DetopsError(f"{url} did not answer within {timeout_s:.0f} s:\n{log_tail(log)}")
+
+
+def stop(pid: int, *, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> None:
+    """Stop process group `pid` (the server and any workers it forked): `sig`, then SIGKILL after
+    `timeout_s`. A process already gone is fine."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        alive(pid)  # reap it if it was our child
+        return
+    deadline = time.monotonic() + timeout_s
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
+@contextmanager
+def running(argv: Sequence[str], *, url: str, ready_path: str, log: Path, env: Mapping[str, str] | None = None,
+            cwd: Path | None = None, timeout_s: float = 120.0) -> Iterator[Server]:
+    """Run `argv` (serving `url`) until GET `url + ready_path` answers 200, yield it, then stop its
+    process group, whatever happens in the block."""
+    proc = spawn(argv, log=log, env=env, cwd=cwd)
+    try:
+        wait_ready(url + ready_path, pid=proc.pid, log=log, timeout_s=timeout_s)
+        yield Server(url=url, pid=proc.pid, log=Path(log))
+    finally:
+        stop(proc.pid)
+        proc.wait(timeout=10)
