@@ -7,7 +7,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from pipelines.config import ShiftName, SynthesizeConfig
+from pipelines.config.data import ShiftName, SynthesizeConfig
 from pipelines.errors import DetopsError
 
 
@@ -26,11 +26,10 @@ def simulate(url: str, n: int, *, shift: ShiftName | None = None, rate: float = 
     second, stopping after `timeout_s`. `synth` sets the generator (classes, sizes); its seed and
     shift are replaced by `seed` and `shift`, so a different seed than training gives fresh
     in-distribution images."""
-    import cv2
     import httpx
     from rich.progress import Progress
 
-    from labeling.synthetic import render
+    from labeling.synthetic import jpeg_bytes, render
 
     if n < 1:
         raise DetopsError(f"simulate: --n must be >= 1 (got {n})")
@@ -49,11 +48,8 @@ def simulate(url: str, n: int, *, shift: ShiftName | None = None, rate: float = 
             if time.monotonic() - start > timeout_s:
                 break
             sample = render(cfg, i)
-            ok, jpeg = cv2.imencode(".jpg", sample.image, [cv2.IMWRITE_JPEG_QUALITY, 92])
-            if not ok:
-                raise DetopsError(f"could not encode simulated image {sample.name}")
             try:
-                response = client.post(endpoint, files={"image": (sample.name, jpeg.tobytes(), "image/jpeg")})
+                response = client.post(endpoint, files={"image": (sample.name, jpeg_bytes(sample), "image/jpeg")})
                 codes[str(response.status_code)] += 1
             except httpx.HTTPError as exc:
                 codes[f"error:{type(exc).__name__}"] += 1

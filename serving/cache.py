@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Hashable
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from serving.runtime import PredictParams
 
 V = TypeVar("V")
 
 
-def cache_key(sha256: str, model_version: str, *, conf: float, iou: float, max_det: int,
-              classes: Sequence[int] | None) -> tuple[Hashable, ...]:
-    """The key of one prediction. Thresholds must be the effective ones (card defaults filled in) so
-    that a request spelling out the default and one omitting it share an entry."""
-    return (sha256, model_version, float(conf), float(iou), int(max_det),
-            None if classes is None else tuple(sorted(set(classes))))
+def cache_key(sha256: str, model_version: str, params: PredictParams) -> tuple[Hashable, ...]:
+    """The key of one prediction. `params` must be the effective ones (`ModelRuntime.resolve`: card
+    defaults filled in, classes sorted), so that a request spelling out a default and one omitting
+    it share an entry."""
+    return (sha256, model_version, params)
 
 
 class ResultCache(Generic[V]):

@@ -61,7 +61,9 @@ class StrictForm(IODescriptor):
         return cls.model_validate(data)
 
 
-class Thresholds(StrictForm):
+class DetectionOptions(StrictForm):
+    """The detection parameters every image endpoint takes (defaults: the model card's thresholds)."""
+
     conf: float | None = Field(None, ge=0, le=1, description="minimum calibrated confidence (default: model card)",
                                examples=[0.25])
     iou: float | None = Field(None, gt=0, le=1, description="NMS IoU threshold (default: model card)",
@@ -72,9 +74,9 @@ class Thresholds(StrictForm):
                                       examples=[[0, 2]])
 
 
-class DetectInput(Thresholds):
+class DetectInput(DetectionOptions):
     image: Path = Field(description="the image file (JPEG, PNG, WEBP, BMP, GIF or TIFF)")
 
 
-class DetectBatchInput(Thresholds):
+class DetectBatchInput(DetectionOptions):
     images: list[Path] = Field(description="several image files, in the order of the results")

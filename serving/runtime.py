@@ -13,8 +13,11 @@ Runtime only (no torch, no ultralytics, so serving stays light):
 - boxes back to the original image like `ultralytics.utils.ops.scale_boxes` (minus pad, divided by
   the per-axis gain, clipped).
 
-The three steps are public (`preprocess`, `infer`, `postprocess`) so a server can batch them and a
-benchmark can time the engine alone.
+`predict` is `resolve` (the request's thresholds, card defaults filled in and checked), `letterbox`
+(uint8 images in the model's square), `to_input` (the float tensor), `infer` (ONNX Runtime) and
+`postprocess` (NMS, boxes back to the image, calibration). Each step is public, so that the service
+can decode and letterbox in its request threads, batch `infer` across requests and post-process per
+request, running exactly the code that evaluation runs through `predict`.
 """
 
 from __future__ import annotations
@@ -100,6 +103,25 @@ class ModelCard(BaseModel):
     def save(self, path: Path) -> None:
         """Write the card as indented JSON."""
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
+
+
+class InvalidParams(DetopsError):
+    """A detection parameter out of range, or a class id the model does not have; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True, slots=True)
+class PredictParams:
+    """The thresholds one prediction runs with (the card's defaults filled in), as `resolve` returns
+    them; `classes` is sorted and deduplicated, None for all."""
+
+    conf: float
+    iou: float
+    max_det: int
+    classes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +212,8 @@ def decode(pred: np.ndarray, conf_thres: float, iou_thres: float, *, classes: Se
     return boxes[kept], scores[kept], cls_id[kept]
 
 
-def _default_threads() -> int:
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -226,7 +249,7 @@ class ModelRuntime:
         if threads is not None and threads < 1:
             raise DetopsError(f"threads must be >= 1 (got {threads})")
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or _default_threads()
+        options.intra_op_num_threads = threads or available_cores()
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
@@ -239,30 +262,56 @@ class ModelRuntime:
         return cls(session, card, calibrator, model_dir)
 
     # ------------------------------------------------------------------ steps
-    def preprocess(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxMeta]]:
-        """RGB uint8 HxWx3 images of any sizes -> (N, 3, imgsz, imgsz) float32 in [0, 1], and where
-        each image sits in its letterboxed input."""
+    def resolve(self, conf: float | None = None, iou: float | None = None, max_det: int | None = None,
+                classes: Sequence[int] | None = None) -> PredictParams:
+        """The effective thresholds: each None replaced by the card's default, each value checked;
+        InvalidParams names the first bad one."""
+        t = self.card.thresholds
+        conf = t.conf if conf is None else conf
+        iou = t.iou if iou is None else iou
+        max_det = t.max_det if max_det is None else max_det
+        if not 0 <= conf <= 1:
+            raise InvalidParams("conf", f"must be in [0, 1] (got {conf})")
+        if not 0 < iou <= 1:
+            raise InvalidParams("iou", f"must be in (0, 1] (got {iou})")
+        if max_det < 1:
+            raise InvalidParams("max_det", f"must be >= 1 (got {max_det})")
+        if classes is not None:
+            names = self.card.classes
+            bad = sorted({c for c in classes if not 0 <= c < len(names)})
+            if bad:
+                raise InvalidParams("classes", f"unknown class ids {bad} (the model has {len(names)}: "
+                                    f"{', '.join(names)})")
+            classes = tuple(sorted(set(classes)))
+        return PredictParams(float(conf), float(iou), int(max_det), classes)
+
+    def letterbox(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxMeta]]:
+        """RGB uint8 HxWx3 images of any sizes -> their letterboxed (N, imgsz, imgsz, 3) uint8 stack,
+        and where each image sits in it."""
         size, pad = self.card.imgsz, self.card.preprocessing.pad_value
-        batch = np.empty((len(images), 3, size, size), dtype=np.float32)
+        boxed = np.empty((len(images), size, size, 3), dtype=np.uint8)
         metas = []
         for i, image in enumerate(images):
             _check_image(image, i)
-            boxed, meta = letterbox(image, size, pad)
-            batch[i] = boxed.transpose(2, 0, 1)
+            boxed[i], meta = letterbox(image, size, pad)
             metas.append(meta)
-        batch *= np.float32(self.card.preprocessing.scale)
-        return batch, metas
+        return boxed, metas
+
+    def to_input(self, boxed: np.ndarray) -> np.ndarray:
+        """A letterboxed uint8 (N, S, S, 3) stack -> the model input: (N, 3, S, S) float32, scaled."""
+        tensor = np.ascontiguousarray(boxed.transpose(0, 3, 1, 2), dtype=np.float32)
+        tensor *= np.float32(self.card.preprocessing.scale)
+        return tensor
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """The raw model output for a preprocessed batch: (N, 4 + nc, anchors)."""
+        """The raw model output for a model input: (N, 4 + nc, anchors)."""
         return self.session.run(None, {self.input_name: batch})[0]
 
-    def postprocess(self, raw: np.ndarray, metas: Sequence[LetterboxMeta], *, conf: float | None = None,
-                    iou: float | None = None, max_det: int | None = None,
-                    classes: Sequence[int] | None = None) -> list[list[Detection]]:
+    def postprocess(self, raw: np.ndarray, metas: Sequence[LetterboxMeta],
+                    params: PredictParams) -> list[list[Detection]]:
         """NMS on raw scores, boxes back to original pixels, calibration, then the `conf` filter on
         the calibrated confidence and `max_det`."""
-        conf, iou, max_det = self._thresholds(conf, iou, max_det, classes)
+        conf, iou, max_det, classes = params.conf, params.iou, params.max_det, params.classes
         identity = self.calibrator.method == "identity"
         # With identity calibration this is exactly ultralytics' predictor (conf before NMS, which
         # cannot change the kept set above conf since greedy NMS only suppresses lower scores).
@@ -287,28 +336,11 @@ class ModelRuntime:
     def predict(self, images: Sequence[np.ndarray], *, conf: float | None = None, iou: float | None = None,
                 max_det: int | None = None, classes: Sequence[int] | None = None) -> list[list[Detection]]:
         """Detections per image (boxes in original pixels); thresholds default to the card's."""
+        params = self.resolve(conf, iou, max_det, classes)  # fail before spending inference time
         if not len(images):
             return []
-        self._thresholds(conf, iou, max_det, classes)  # fail before spending inference time
-        batch, metas = self.preprocess(images)
-        return self.postprocess(self.infer(batch), metas, conf=conf, iou=iou, max_det=max_det, classes=classes)
-
-    def _thresholds(self, conf: float | None, iou: float | None, max_det: int | None,
-                    classes: Sequence[int] | None) -> tuple[float, float, int]:
-        t = self.card.thresholds
-        conf = t.conf if conf is None else conf
-        iou = t.iou if iou is None else iou
-        max_det = t.max_det if max_det is None else max_det
-        if not 0 <= conf <= 1:
-            raise DetopsError(f"conf must be in [0, 1] (got {conf})")
-        if not 0 < iou <= 1:
-            raise DetopsError(f"iou must be in (0, 1] (got {iou})")
-        if max_det < 1:
-            raise DetopsError(f"max_det must be >= 1 (got {max_det})")
-        bad = [c for c in classes or () if not 0 <= c < len(self.card.classes)]
-        if bad:
-            raise DetopsError(f"unknown class ids {bad}: the model has {len(self.card.classes)} classes")
-        return conf, iou, max_det
+        boxed, metas = self.letterbox(images)
+        return self.postprocess(self.infer(self.to_input(boxed)), metas, params)
 
 
 def _check_image(image: Any, index: int) -> None:

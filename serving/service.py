@@ -34,7 +34,7 @@ from serving.forms import DetectBatchInput, DetectInput  # noqa: E402
 from serving.guard import RequestGuard  # noqa: E402
 from serving.imaging import DecodedImage, RequestRejected, check_size, decode_image  # noqa: E402
 from serving.render import draw_detections, encode_jpeg  # noqa: E402
-from serving.runtime import LetterboxMeta, ModelRuntime, letterbox  # noqa: E402
+from serving.runtime import InvalidParams, LetterboxMeta, ModelRuntime, PredictParams  # noqa: E402
 from serving.schemas import DetectResponse, ModelInfo, detect_response, error_response  # noqa: E402
 from serving.settings import load_serve_config, ort_threads  # noqa: E402
 
@@ -146,24 +146,20 @@ class Detector:
     async def _predict(self, files: list[Path], conf: float | None, iou: float | None, max_det: int | None,
                        classes: list[int] | None) -> list[tuple[DecodedImage, list[Detection], bool]]:
         """Decode every file (all must be valid), answer from the cache where possible and run the
-        rest through the worker's batcher in one submission; log each prediction. Raises
-        RequestRejected for bad input (4xx), overload (503) and any failure of the inference (500)."""
-        t = self.runtime.card.thresholds
-        conf = t.conf if conf is None else conf
-        iou = t.iou if iou is None else iou
-        max_det = t.max_det if max_det is None else max_det
-        bad = sorted({c for c in classes or () if not 0 <= c < len(self.runtime.class_names)})
-        if bad:
-            raise RequestRejected("unknown_class", f"classes: unknown class ids {bad} (the model has "
-                                f"{len(self.runtime.class_names)}: {', '.join(self.runtime.class_names)})", 422)
+        rest through the runtime's steps, batching `infer` across requests; log each prediction.
+        Raises RequestRejected for bad input (4xx), overload (503) and any failure of the inference (500)."""
+        try:
+            params = self.runtime.resolve(conf, iou, max_det, classes)
+        except InvalidParams as exc:
+            raise RequestRejected("unknown_class" if exc.field == "classes" else "invalid_parameter",
+                                  str(exc), 422) from None
         # One thread hop per request for the CPU work before inference (decode, hash, cache, letterbox).
-        job = await asyncio.to_thread(self._prepare, files, (conf, iou, max_det, classes))
+        job = await asyncio.to_thread(self._prepare, files, params)
         if job.batch is not None:
             try:
                 raw = await self.batcher(job.batch)
                 # NMS and calibration in a thread too: the event loop keeps taking requests meanwhile.
-                fresh = await asyncio.to_thread(self.runtime.postprocess, raw, job.metas, conf=conf, iou=iou,
-                                                max_det=max_det, classes=classes)
+                fresh = await asyncio.to_thread(self.runtime.postprocess, raw, job.metas, params)
             except Overloaded as exc:
                 raise RequestRejected("overloaded", str(exc), 503) from None
             except InferenceFailed as exc:  # logged with its traceback by the batcher
@@ -188,33 +184,24 @@ class Detector:
             results.append((d, list(dets), hit))
         return results
 
-    def _prepare(self, files: list[Path], params: tuple) -> _Prepared:
+    def _prepare(self, files: list[Path], params: PredictParams) -> _Prepared:
         """In a worker thread: decode and validate every file, look each up in the cache, letterbox
         the misses into one uint8 (n, S, S, 3) stack."""
         names = [f"images[{i}]" for i in range(len(files))] if len(files) > 1 else ["image"]
         decoded = [self._decode(f, name) for f, name in zip(files, names)]
         job = _Prepared(decoded, found=[None] * len(decoded))
         if self.cache.max_entries:
-            conf, iou, max_det, classes = params
-            job.keys = [cache_key(d.sha256, self.model_info.version, conf=conf, iou=iou, max_det=max_det,
-                                  classes=classes) for d in decoded]
+            job.keys = [cache_key(d.sha256, self.model_info.version, params) for d in decoded]
             job.found = [self.cache.get(k) for k in job.keys]
         job.hits = [dets is not None for dets in job.found]
-        misses = [d for d, hit in zip(decoded, job.hits) if not hit]
+        misses = [d.rgb for d, hit in zip(decoded, job.hits) if not hit]
         if misses:
-            size, pad = self.runtime.card.imgsz, self.runtime.card.preprocessing.pad_value
-            job.batch = np.empty((len(misses), size, size, 3), np.uint8)
-            for row, d in zip(job.batch, misses):
-                row[...], meta = letterbox(d.rgb, size, pad)
-                job.metas.append(meta)
+            job.batch, job.metas = self.runtime.letterbox(misses)
         return job
 
     def _infer_letterboxed(self, batch: np.ndarray) -> np.ndarray:
-        """Letterboxed RGB uint8 (N, S, S, 3) -> raw model output (N, 4 + classes, anchors); runs in the
-        batcher's worker thread."""
-        tensor = np.ascontiguousarray(batch.transpose(0, 3, 1, 2), dtype=np.float32)  # ORT would copy it else
-        tensor *= np.float32(self.runtime.card.preprocessing.scale)
-        return self.runtime.infer(tensor)
+        """Letterboxed RGB uint8 (N, S, S, 3) -> raw model output; runs in the batcher's worker thread."""
+        return self.runtime.infer(self.runtime.to_input(batch))
 
     @staticmethod
     def _decode(file: Path, name: str) -> DecodedImage:

@@ -9,8 +9,10 @@ from collections.abc import Mapping
 import yaml
 from pydantic import ValidationError
 
-from pipelines.config import ServeConfig, format_validation_error, load_section, params_path
+from pipelines.config.base import format_validation_error, load_section, params_path
+from pipelines.config.serving import ServeConfig
 from pipelines.errors import DetopsError
+from serving.runtime import available_cores
 
 ENV_PREFIX = "DETOPS_SERVE_"
 
@@ -37,7 +39,7 @@ def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, object]
 def load_serve_config(environ: Mapping[str, str] | None = None) -> ServeConfig:
     """ServeConfig from params.yaml with the environment overrides applied; a bad value raises a
     DetopsError naming the setting and, for an override, its variable."""
-    base = load_section("serve")
+    base = load_section(ServeConfig)
     updates = env_overrides(environ)
     if not updates:
         return base
@@ -55,8 +57,4 @@ def ort_threads(cfg: ServeConfig) -> int:
     evenly among the workers (more threads than cores only adds contention)."""
     if cfg.threads is not None:
         return cfg.threads
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // cfg.workers)
+    return max(1, available_cores() // cfg.workers)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import io
+import json
 import os
 import re
 import time
@@ -50,7 +51,8 @@ def server(trained_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
                  "DETOPS_SERVE_MAX_BATCH_IMAGES": str(MAX_BATCH_IMAGES), "DETOPS_SERVE_MAX_LATENCY_MS": "5000",
                  "DETOPS_SERVE_CACHE_ENTRIES": "64", "DETOPS_SERVE_THREADS": "1"}
     with detector_service(model_dir, tmp, overrides=overrides) as running:
-        yield {"url": running.url, "log_dir": tmp / "predictions", "classes": card.classes, "serve_log": running.log}
+        yield {"url": running.url, "log_dir": tmp / "predictions", "classes": card.classes, "serve_log": running.log,
+               "model_dir": model_dir}
 
 
 def post(server: dict, route: str, files: list | dict, data: dict | None = None) -> httpx.Response:
@@ -94,6 +96,29 @@ def test_detect_contract_and_cache(server: dict) -> None:
     limited = post(server, "/detect", {"image": ("x.jpg", data)}, {"conf": "0.001", "max_det": "1", "classes": "[0]"})
     assert len(limited.json()["detections"]) <= 1
     assert all(d["class_id"] == 0 for d in limited.json()["detections"])
+
+
+def test_detect_over_http_is_exactly_what_the_runtime_predicts(server: dict) -> None:
+    """What is evaluated is what is served, at the last step: the bytes of /detect's JSON against
+    `ModelRuntime.predict` (which evaluate, the registry's pyfunc and monitoring run) on the same
+    images and parameters, one worker thread on both sides."""
+    from pipelines.images import read_rgb
+    from serving.runtime import ModelRuntime
+
+    runtime = ModelRuntime.load(server["model_dir"], threads=1)
+    cases = [(images.jpeg(160, 120, seed=41), {}), (images.png(97, 203, seed=42), {"conf": 0.001}),
+             (images.exif_rotated_jpeg(80, 40), {"conf": 0.001, "iou": 0.3, "max_det": 5}),
+             (images.jpeg(300, 64, seed=43), {"conf": 0.001, "classes": [1, 0]})]
+    compared = 0
+    for data, params in cases:
+        form = {k: json.dumps(v) for k, v in params.items()}
+        served = post(server, "/detect", {"image": ("x", data)}, form).json()["detections"]
+        expected = runtime.predict([read_rgb(data)], **params)[0]
+        assert [(d["class_id"], d["box"], d["confidence"], d["raw_confidence"]) for d in served] == [
+            (d.class_id, {"x1": d.box.x1, "y1": d.box.y1, "x2": d.box.x2, "y2": d.box.y2}, d.confidence,
+             d.raw_confidence) for d in expected]
+        compared += len(expected)
+    assert compared > 0
 
 
 def test_detect_batch_keeps_order_and_count(server: dict) -> None:

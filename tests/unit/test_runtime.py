@@ -17,9 +17,11 @@ from serving.runtime import (
     CALIBRATOR_FILE,
     CARD_FILE,
     MODEL_FILE,
+    InvalidParams,
     LetterboxMeta,
     ModelCard,
     ModelRuntime,
+    PredictParams,
     decode,
     letterbox,
     letterbox_params,
@@ -202,11 +204,28 @@ def test_preprocess_layout_and_scale(tmp_path: Path) -> None:
     runtime = ModelRuntime.load(_write_model_dir(tmp_path / "m"), threads=1)
     image = np.zeros((32, 64, 3), np.uint8)
     image[..., 0] = 255  # red in RGB
-    batch, metas = runtime.preprocess([image])
+    boxed, metas = runtime.letterbox([image])
+    assert boxed.shape == (1, 64, 64, 3) and boxed.dtype == np.uint8
+    batch = runtime.to_input(boxed)
     assert batch.shape == (1, 3, 64, 64) and batch.dtype == np.float32
     assert batch[0, 0, 32, 32] == pytest.approx(1.0) and batch[0, 2, 32, 32] == 0.0  # channel 0 is R
     assert batch[0, 0, 0, 0] == pytest.approx(114 / 255)  # padding row
     assert metas == [LetterboxMeta(32, 64, 1.0, 1.0, 0, 16)]
+
+
+def test_resolve_fills_card_defaults_and_normalizes_classes(tmp_path: Path) -> None:
+    runtime = ModelRuntime.load(_write_model_dir(tmp_path / "m"), threads=1)
+    t = runtime.card.thresholds
+    assert runtime.resolve() == PredictParams(t.conf, t.iou, t.max_det, None)
+    # Spelling out a default, or classes in any order with repeats, resolves to the same parameters.
+    assert runtime.resolve(conf=t.conf, classes=[1, 0, 1]) == runtime.resolve(classes=[0, 1])
+    assert runtime.resolve(classes=[1, 0]).classes == (0, 1)
+    with pytest.raises(InvalidParams, match="classes: unknown class ids \\[2, 7\\]") as info:
+        runtime.resolve(classes=[7, 0, 2])
+    assert info.value.field == "classes"
+    with pytest.raises(InvalidParams, match="iou: must be in") as info:
+        runtime.resolve(iou=0)
+    assert info.value.field == "iou"
 
 
 def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
@@ -218,7 +237,7 @@ def test_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         runtime.predict([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.uint8)])
     with pytest.raises(DetopsError, match="image 0: expected an RGB uint8"):
         runtime.predict([np.zeros((8, 8, 3), np.float32)])
-    with pytest.raises(DetopsError, match="conf must be"):
+    with pytest.raises(DetopsError, match="conf: must be"):
         runtime.predict([np.zeros((8, 8, 3), np.uint8)], conf=1.5)
     with pytest.raises(DetopsError, match="unknown class ids \\[5\\]"):
         runtime.predict([np.zeros((8, 8, 3), np.uint8)], classes=[5])
