@@ -39,11 +39,11 @@ test-unit: setup
 mlflow-ui: setup
 	$(BIN)/detops mlflow-ui --host $(HOST)
 
-# bentoml reads BENTOML_HOME before it imports the service: give it the store `detops build` wrote.
+# `detops build` imports @champion into BentoML's own store (~/bentoml, or $BENTOML_HOME), where the
+# plain `bentoml serve` below finds it, as it does when run by hand.
 serve: setup
 	$(BIN)/detops build
-	BENTOML_HOME=$(CURDIR)/.cache/bentoml BENTOML_DO_NOT_TRACK=true \
-		$(BIN)/bentoml serve serving.service:Detector --host $(HOST) --port 3000
+	$(BIN)/bentoml serve serving.service:Detector --host $(HOST) --port 3000
 
 loadtest: setup
 	$(PY) -m tests.load.run

@@ -16,7 +16,10 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cache_dir() -> Path:
-    """Project-local folder for tool state (ultralytics settings and font, BentoML home)."""
+    """Project-local folder for tool state (ultralytics settings and font, matplotlib's cache).
+    BentoML's model and bento store is not here: it stays in BentoML's own home (~/bentoml, or
+    $BENTOML_HOME), the only place a plain `bentoml serve` looks, since BentoML reads that variable
+    when it is imported, before any project code runs."""
     return Path(os.environ.get("DETOPS_CACHE_DIR", PROJECT_ROOT / ".cache"))
 
 
@@ -48,7 +51,6 @@ def configure() -> None:
         os.environ.setdefault(key, value)
     root = cache_dir()
     os.environ.setdefault("YOLO_CONFIG_DIR", str(root / "ultralytics"))
-    os.environ.setdefault("BENTOML_HOME", str(root / "bentoml"))
     os.environ.setdefault("MPLCONFIGDIR", str(root / "matplotlib"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", default_tracking_uri())
 

@@ -1,0 +1,187 @@
+"""Every `detops` verb through the CLI, in the order of the lifecycle, on the repository's own params.yaml
+(run from a scratch working directory holding a copy of it, so relative paths land there; options only
+shrink the work: fewer images, one epoch, one trial), and each on one bad input, which must end in a
+one-line error and a non-zero exit. Then the serving half the way users start it: `detops build`, plain
+`bentoml models list` and `bentoml serve` from the repository root with no BENTOML_HOME set (BentoML's
+default home, under a private HOME), the built bento served by its tag, and the monitoring verbs
+against that service."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner, Result
+
+from pipelines.cli.main import app
+from pipelines.environment import PROJECT_ROOT
+from pipelines.processes import HOST, free_port, running
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory, mlflow_uri: str) -> Iterator[Path]:
+    """A scratch working directory with the repository's params.yaml; the CLI runs in it."""
+    root = tmp_path_factory.mktemp("cli")
+    shutil.copy(PROJECT_ROOT / "params.yaml", root / "params.yaml")
+    previous = Path.cwd()
+    os.chdir(root)
+    try:
+        yield root
+    finally:
+        os.chdir(previous)
+
+
+def detops(*args: str) -> Result:
+    return CliRunner().invoke(app, list(args), catch_exceptions=False)
+
+
+def ok(*args: str) -> Result:
+    result = detops(*args)
+    assert result.exit_code == 0, f"detops {' '.join(args)}:\n{result.output}"
+    return result
+
+
+def refused(*args: str, match: str) -> None:
+    """A bad input: exit code 1 and one line naming the problem, no traceback."""
+    result = detops(*args)
+    assert result.exit_code == 1, f"detops {' '.join(args)} exited {result.exit_code}:\n{result.output}"
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], result.output
+
+
+def test_data_verbs(workdir: Path) -> None:
+    ok("synthesize", "--n-images", "260")  # drift needs 50 reference images: 20 % of them are test
+    assert len(list((workdir / "data" / "raw" / "images").glob("*.jpg"))) == 260
+    refused("synthesize", "--shift", "foggy", match="synthesize.shift")
+
+    ok("ingest")  # the labeling config beside the export, as params.yaml's null means
+    report = json.loads((workdir / "data" / "dataset" / "ingest_report.json").read_text())
+    assert report["class_order"] == "labeling_config"
+    refused("ingest", "--export", "nowhere.json", match="nowhere.json")
+
+    ok("validate")
+    assert json.loads((workdir / "reports" / "validate" / "summary.json").read_text())["success"] is True
+    refused("validate", "--dataset", "nowhere", match="nowhere")
+
+    ok("augment")
+    assert (workdir / "reports" / "augment" / "preview.png").is_file()
+    refused("augment", "--dataset", "nowhere", match="nowhere")
+
+
+def test_model_verbs(workdir: Path) -> None:
+    ok("train", "--epochs", "1", "--imgsz", "64")
+    assert (workdir / "models" / "model.onnx").is_file()
+    refused("train", "--imgsz", "100", match="train.imgsz")
+
+    ok("evaluate")
+    assert 0 <= json.loads((workdir / "reports" / "evaluate" / "metrics.json").read_text())["map50_95"] <= 1
+    refused("evaluate", "--model-dir", "nowhere", match="nowhere")
+
+    ok("tune", "--n-trials", "1", "--epochs", "1")
+    assert (workdir / "reports" / "tune" / "best_params.yaml").is_file()
+    refused("tune", "--n-trials", "0", match="tune.n_trials")
+
+
+def test_registry_verbs(workdir: Path) -> None:
+    first = ok("register")  # params.yaml's gates are for the default model: a one-epoch model fails them
+    assert "not promoted" in first.output
+    ok("promote", "1")
+    second = ok("register")
+    assert "v2" in second.output and "not promoted" in second.output
+    ok("promote", "2")
+    assert "@champion -> v1 (rolled back from v2)" in ok("rollback").output
+    refused("rollback", match="v1 has no previous champion")
+    refused("promote", "latest", match="version must be a number")
+    refused("register", "--evaluation", "nowhere", match="nowhere")
+
+    port = free_port()
+    with running([str(BIN / "detops"), "mlflow-ui", "--port", str(port)], url=f"http://{HOST}:{port}",
+                 ready_path="/health", log=workdir / "mlflow-ui.log", timeout_s=120) as ui:
+        models = httpx.get(f"{ui.url}/api/2.0/mlflow/registered-models/get", params={"name": "detops-detector"})
+        assert {a["alias"]: a["version"] for a in models.json()["registered_model"]["aliases"]} == {
+            "champion": "1", "challenger": "2"}
+    refused("mlflow-ui", "--port", "99999", match="port")
+
+
+@pytest.fixture(scope="module")
+def user_env(workdir: Path, mlflow_uri: str) -> dict[str, str]:
+    """A shell's environment with no BENTOML_HOME: BentoML's default home, ~/bentoml, under a private
+    HOME; the service's prediction log (with kept images, as `detops push` needs) in the workdir."""
+    env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
+    return {**env, "HOME": str(workdir / "home"), "MLFLOW_TRACKING_URI": mlflow_uri,
+            "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "DETOPS_SERVE_WORKERS": "1",
+            "DETOPS_SERVE_PREDICTION_LOG": str(workdir / "monitoring_store"), "DETOPS_SERVE_KEEP_IMAGES": "true"}
+
+
+def shell(env: dict[str, str], *argv: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(argv), cwd=cwd, env=env, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_build_then_plain_bentoml_serve_and_monitoring_verbs(workdir: Path, user_env: dict[str, str]) -> None:
+    built = shell(user_env, "detops", "build")  # from the repository root, as the README says
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert "detops-detector@champion v1" in built.stdout and "bento detops-detector:" in built.stdout
+    stored = next((workdir / "home" / "bentoml" / "models" / "detops-detector").glob("*/model.yaml")).parent
+    for file in ("model.onnx", "model_card.json", "calibrator.json"):  # the registry's files, as evaluated
+        assert (stored / file).read_bytes() == (workdir / "models" / file).read_bytes(), file
+    listed = shell(user_env, "bentoml", "models", "list")
+    assert listed.returncode == 0 and "detops-detector" in listed.stdout, listed.stderr[-2000:]
+    missing = shell(user_env, "detops", "build", "--alias", "nobody", "--no-bento")
+    assert missing.returncode == 1 and "no version of 'detops-detector' has the alias 'nobody'" in missing.stderr
+
+    with bentoml_serve(user_env, "serving.service:Detector", cwd=PROJECT_ROOT, log=workdir / "serve.log") as url:
+        ok("simulate", "--url", url, "--n", "110", "--rate", "100")
+        refused("simulate", "--url", "ftp://nowhere", match="--url")
+
+    # The drift window and the push read what the service logged (params.yaml: monitoring_store).
+    drift = detops("drift")
+    assert drift.exit_code in (0, 3), drift.output  # 3: drift found, a verdict as valid as none
+    assert (workdir / "reports" / "monitoring" / "drift.html").is_file()
+    refused("drift", "--since", "yesterday", match="yesterday")
+    pushed = ok("push", "--drifted")  # no LABEL_STUDIO_URL: the tasks go to an import file
+    tasks = json.loads((workdir / "reports" / "monitoring" / "labelstudio_import.json").read_text())
+    assert len(tasks) == 50 and "50 tasks" in pushed.output  # push.max_per_run
+    refused("push", "--labeling-config", "nowhere.xml", match="nowhere.xml")
+    assert "purged 0 records" in ok("purge", "--older-than", "30d").output
+    refused("purge", "--image", "../etc/passwd", match="not a sha256")
+
+    # The bento `detops build` made, served by its tag.
+    with bentoml_serve(user_env, "detops-detector:latest", cwd=workdir, log=workdir / "serve-bento.log"):
+        pass
+
+
+@contextmanager
+def bentoml_serve(env: dict[str, str], target: str, *, cwd: Path, log: Path) -> Iterator[str]:
+    """`bentoml serve TARGET` as a user types it; yields its URL once it answered a /detect with the
+    registry version `detops build` imported (v1, the champion)."""
+    port = free_port()
+    argv = ["bentoml", "serve", target, "--host", HOST, "--port", str(port)]
+    with running(argv, url=f"http://{HOST}:{port}", ready_path="/readyz", env=env, cwd=cwd, log=log,
+                 timeout_s=180) as server:
+        answer = httpx.post(f"{server.url}/detect", files={"image": ("a.jpg", _jpeg())}, timeout=60)
+        assert answer.status_code == 200 and answer.json()["model"]["version"] == "1", answer.text
+        yield server.url
+
+
+def test_pull_without_a_server_says_what_is_missing(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LABEL_STUDIO_URL", raising=False)
+    refused("pull", "--project", "1", "--out", "pulled", match="LABEL_STUDIO_URL")
+    # Its happy path runs against a real Label Studio in the feedback loop test (loop_demo.py).
+
+
+def _jpeg() -> bytes:
+    from tests.fixtures import images
+
+    return images.jpeg(200, 150, seed=11)
