@@ -6,6 +6,7 @@ batcher (serving/batching.py, BentoML's CorkDispatcher without the HTTP self-cal
 requests (and the images of one /detect_batch call) run as one ONNX batch, and each request
 post-processes its own slice with its own thresholds. Settings: params.yaml `serve:` and
 DETOPS_SERVE_* variables (serving/settings.py); the model: `detops build` (serving/build.py).
+Durable jobs (`/jobs`, run by `detops worker` processes) are a FastAPI app of serving/jobs/ mounted here.
 """
 
 from __future__ import annotations
@@ -33,12 +34,14 @@ from serving.cache import ResultCache, cache_key  # noqa: E402
 from serving.forms import DetectBatchInput, DetectInput  # noqa: E402
 from serving.guard import RequestGuard  # noqa: E402
 from serving.imaging import DecodedImage, RequestRejected, check_size, decode_image  # noqa: E402
+from serving.jobs import api as jobs_api  # noqa: E402
 from serving.render import draw_detections, encode_jpeg  # noqa: E402
 from serving.runtime import InvalidParams, LetterboxMeta, ModelRuntime, PredictParams  # noqa: E402
 from serving.schemas import DetectResponse, ModelInfo, detect_response, error_response  # noqa: E402
-from serving.settings import load_serve_config, ort_threads  # noqa: E402
+from serving.settings import load_jobs_config, load_serve_config, ort_threads  # noqa: E402
 
 CFG = load_serve_config()
+JOBS_CFG = load_jobs_config()
 log = logging.getLogger(__name__)
 
 
@@ -55,6 +58,7 @@ class _Prepared:
     metas: list[LetterboxMeta] = field(default_factory=list)
 
 
+@bentoml.asgi_app(jobs_api.app, path="/")  # POST/GET/DELETE /jobs...: durable jobs (serving/jobs/api.py)
 @bentoml.service(name="detector", workers=CFG.workers, traffic={"timeout": CFG.timeout_s})
 class Detector:
     """Object detection with a calibrated YOLO model imported from the MLflow registry."""
@@ -107,13 +111,6 @@ class Detector:
             return error_response("too_many_images", f"images: {len(images)} files is over the limit of "
                                   f"{CFG.max_batch_images} per request (serve.max_batch_images)", 413)
         return await self._detect_response(images, conf, iou, max_det, classes, single=False)
-
-    @bentoml.task(route="/detect_async", input_spec=DetectInput)
-    async def detect_async(self, image: Path, conf: float | None = None, iou: float | None = None,
-                           max_det: int | None = None, classes: list[int] | None = None) -> DetectResponse:
-        """/detect as a task: POST /detect_async/submit, then GET /status and /get with the task_id.
-        Not durable: results are lost when the server restarts."""
-        return await self._detect_response([image], conf, iou, max_det, classes, single=True)
 
     @bentoml.api(route="/render", input_spec=DetectInput)
     async def render(self, image: Path, conf: float | None = None, iou: float | None = None,
@@ -224,5 +221,5 @@ class Detector:
         return error_response(exc.code, exc.detail, exc.status)
 
 Detector.add_asgi_middleware(RequestGuard, upload_limits={
-    "/detect": CFG.max_upload_bytes, "/render": CFG.max_upload_bytes, "/detect_async/submit": CFG.max_upload_bytes,
-    "/detect_batch": CFG.max_upload_bytes * CFG.max_batch_images})
+    "/detect": CFG.max_upload_bytes, "/render": CFG.max_upload_bytes,
+    "/detect_batch": CFG.max_upload_bytes * CFG.max_batch_images, "/jobs": jobs_api.body_limit(JOBS_CFG)})

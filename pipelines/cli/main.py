@@ -2,9 +2,11 @@
 order of the lifecycle."""
 
 # isort: off
-from pipelines.cli import data, model, registry, serving, monitoring  # noqa: F401 (each registers its verbs)
+from pipelines.cli import data, model, registry, serving, jobs, monitoring  # noqa: F401 (each registers its verbs)
 from pipelines.cli.common import app
 # isort: on
+
+app.add_typer(jobs.batch, name="batch", rich_help_panel="Serving")
 
 __all__ = ["app"]
 

@@ -1,0 +1,224 @@
+"""The job workers: `detops worker`, or `celery -A serving.jobs.worker worker` (same app).
+
+Each pool process handles one wake-up at a time: it claims the next chunk of the job's images in the
+store (a lease of jobs.chunk_time_limit_s + jobs.lease_slack_s), reads them from the object store,
+runs them as one batch through the shared model runtime (serving/jobs/engine.py), writes the results
+insert-or-ignore and releases the lease, finishes the job when every image has a result, and
+otherwise publishes the next wake-up. A message whose job is gone, finished or fully leased elsewhere
+is acknowledged and dropped. Transient failures (database, object store, registry) are retried by
+Celery with exponential backoff; a chunk over its time limit is killed by Celery, and its images come
+back, one at a time, when their lease expires; an image that crashed or timed out its worker
+jobs.max_attempts times is dead-lettered with its reason (serving/jobs/store.py `claim`).
+
+The parent process of the pool runs a housekeeping thread: heartbeat, finishing jobs whose worker
+died after their last result, new wake-ups for stalled jobs (expired leases, lost messages: the
+reaper that makes the broker only a wake-up), and webhook deliveries (serving/jobs/webhooks.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from pipelines import environment
+
+environment.configure()
+
+from serving.jobs.engine import detect_encoded  # noqa: E402
+from serving.jobs.models import LiveModel, Runtimes  # noqa: E402
+from serving.jobs.objects import ObjectStore, open_object_store  # noqa: E402
+from serving.jobs.queue import PROCESS_TASK, default_app, publish  # noqa: E402
+from serving.jobs.results import IMAGE_FAILED, ImageResult  # noqa: E402
+from serving.jobs.settings import JobsSettings, load_jobs_settings  # noqa: E402
+from serving.jobs.store import JobStore, StoreUnavailable  # noqa: E402
+from serving.settings import load_serve_config  # noqa: E402
+
+log = logging.getLogger(__name__)
+app = default_app()
+SETTINGS = load_jobs_settings()
+CFG = SETTINGS.config
+
+
+class Transient(Exception):
+    """A failure worth retrying later (the registry could not be asked, for instance)."""
+
+
+@dataclass
+class _Process:
+    """What one pool process keeps between tasks (created after the fork, on first use)."""
+
+    store: JobStore
+    objects: ObjectStore
+    runtimes: Runtimes
+    live: LiveModel
+    worker_id: str
+    max_pixels: int
+
+
+_process: _Process | None = None
+
+
+def process_context() -> _Process:
+    global _process
+    if _process is None or not _process.worker_id.endswith(f":{os.getpid()}"):
+        store = JobStore(SETTINGS.database_url, connect_timeout_s=CFG.db_connect_timeout_s)
+        _process = _Process(store=store, objects=open_object_store(SETTINGS.object_store_url),
+                            runtimes=Runtimes(threads=CFG.worker_threads), live=LiveModel(CFG.model_check_interval_s),
+                            worker_id=f"{socket.gethostname()}:{os.getpid()}",
+                            max_pixels=load_serve_config().max_pixels)
+    return _process
+
+
+@app.task(name=PROCESS_TASK, bind=True, autoretry_for=(StoreUnavailable, Transient, OSError),
+          retry_backoff=CFG.retry_backoff_s, retry_backoff_max=CFG.retry_backoff_max_s, retry_jitter=True,
+          max_retries=CFG.max_retries)
+def process_chunk(self: Any, job_id: str) -> str:
+    """One wake-up of job `job_id`: at most one chunk of its images (see the module docstring)."""
+    return run_chunk(process_context(), job_id)
+
+
+def run_chunk(ctx: _Process, job_id: str) -> str:
+    """Claim, detect, record, then finish the job or wake the next chunk; a word for the log."""
+    from pipelines.registry import RegistryError
+    from serving.runtime import InvalidParams
+
+    try:
+        live = ctx.live.get()
+    except Exception as exc:
+        raise Transient(f"cannot ask the registry which model version is live ({type(exc).__name__}: {exc})") from exc
+    claim = ctx.store.claim(job_id, worker=ctx.worker_id, model_name=live.name, live_version=live.version,
+                            chunk_size=CFG.chunk_size, lease_s=CFG.lease_s, max_attempts=CFG.max_attempts)
+    if claim is None:
+        return "no such active job"
+    job = claim.job
+    if claim.images:
+        try:
+            runtime, model_info = ctx.runtimes.get(job.model_name, job.model_version)
+            params = runtime.resolve(**job.params)
+        except (RegistryError, InvalidParams) as exc:
+            ctx.store.fail_job(job_id, f"{job.model_name} v{job.model_version}: {exc}")
+            return "failed"
+        payloads, missing = [], []
+        for image in claim.images:
+            try:
+                payloads.append(ctx.objects.get(image.object_key))
+            except FileNotFoundError:
+                missing.append(image.index)
+        if missing:
+            current = ctx.store.get_job(job_id)
+            if current is None or current.deleted_at is not None:
+                return "cancelled"
+        found = [im.index for im in claim.images if im.index not in missing]
+        results = detect_encoded(runtime, payloads, found, params, model_info, max_bytes=CFG.max_image_bytes,
+                                 max_pixels=ctx.max_pixels)
+        results += [ImageResult(i, IMAGE_FAILED, error="image_missing", detail="the image is no longer in the object "
+                                f"store ({ctx.objects.url})") for i in missing]
+        if not ctx.store.record_results(job_id, ctx.worker_id, job.model_version, results):
+            return "cancelled"
+    if ctx.store.finish_if_complete(job_id) is not None:
+        return "finished"
+    if claim.images and ctx.store.has_claimable(job_id, CFG.max_attempts):
+        if publish(app, job_id, CFG.queue):
+            ctx.store.mark_woken(job_id)
+    return f"{len(claim.images)} images"
+
+
+# --------------------------------------------------------------------------- housekeeping
+@dataclass
+class Housekeeping:
+    """The pool parent's thread: heartbeat, reaper and webhook deliveries (module docstring)."""
+
+    settings: JobsSettings
+    worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    stopping: threading.Event = field(default_factory=threading.Event)
+    thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="detops-housekeeping", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from serving.jobs.schemas import job_summary
+        from serving.jobs.webhooks import WebhookDispatcher
+
+        cfg = self.settings.config
+        store = JobStore(self.settings.database_url, connect_timeout_s=cfg.db_connect_timeout_s)
+        live = LiveModel(cfg.model_check_interval_s)
+        dispatcher = WebhookDispatcher(store, cfg, self.settings.webhook_secret,
+                                       summary=lambda job_id: job_summary(store, store.get_job(job_id))
+                                       .model_dump(mode="json"))
+        tick = min(1.0, cfg.reap_interval_s)
+        last_reap = -float("inf")
+        schema_ready = False
+        try:
+            while not self.stopping.is_set():
+                try:
+                    if not schema_ready:
+                        store.create_schema()
+                        schema_ready = True
+                    if time.monotonic() - last_reap >= cfg.reap_interval_s:
+                        self._reap(store, live)
+                        last_reap = time.monotonic()
+                    dispatcher.dispatch()
+                except Exception as exc:  # a database or broker outage: try again next tick
+                    log.warning("housekeeping: %s: %s", type(exc).__name__, exc)
+                self.stopping.wait(tick)
+        finally:
+            dispatcher.close()
+            try:
+                store.remove_worker(self.worker_id)
+            except StoreUnavailable:
+                pass
+            store.close()
+
+    def _reap(self, store: JobStore, live: LiveModel) -> None:
+        cfg = self.settings.config
+        try:
+            version: str | None = live.get().version
+        except Exception:
+            version = None
+        store.heartbeat(self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), model_version=version)
+        for job_id in store.unfinished_complete_jobs():
+            store.finish_if_complete(job_id)
+        for job_id in store.stalled_jobs(reap_interval_s=cfg.reap_interval_s, requeue_after_s=cfg.requeue_after_s):
+            log.info("job %s stalled (expired lease or lost message): waking it up again", job_id)
+            publish(app, job_id, cfg.queue)
+
+
+_housekeeping: Housekeeping | None = None
+
+
+@worker_ready.connect
+def _start_housekeeping(**_: Any) -> None:
+    global _housekeeping
+    _housekeeping = Housekeeping(SETTINGS)
+    _housekeeping.start()
+
+
+@worker_shutdown.connect
+def _stop_housekeeping(**_: Any) -> None:
+    if _housekeeping is not None:
+        _housekeeping.stop()
+
+
+def run_worker(*, concurrency: int | None = None, queues: list[str] | None = None, loglevel: str = "INFO") -> None:
+    """Run a Celery worker of this app in the foreground: `concurrency` pool processes (default
+    jobs.worker_concurrency, else the machine's cores) consuming `queues` (default jobs.queue)."""
+    from serving.runtime import available_cores
+
+    processes = concurrency or CFG.worker_concurrency or available_cores()
+    app.worker_main(["worker", f"--loglevel={loglevel}", f"--concurrency={processes}", "--pool=prefork",
+                     f"--queues={','.join(queues or [CFG.queue])}", f"--hostname=detops-{os.getpid()}@%h",
+                     "--without-gossip", "--without-mingle", "--without-heartbeat"])
