@@ -22,9 +22,10 @@ Message = dict[str, Any]
 
 
 class RequestGuard:
-    """See the module docstring. `upload_limits` maps a route to the largest body it accepts."""
+    """See the module docstring. `upload_limits` maps a route to the largest body it accepts and
+    the setting that sets it."""
 
-    def __init__(self, app: Callable[..., Any], upload_limits: dict[str, int]) -> None:
+    def __init__(self, app: Callable[..., Any], upload_limits: dict[str, tuple[int, str]]) -> None:
         self.app = app
         self.upload_limits = upload_limits
 
@@ -32,13 +33,13 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        limit = self.upload_limits.get(path)
+        limit, setting = self.upload_limits.get(path, (None, ""))
         length = _header(scope, b"content-length") if limit is not None else b""
         if limit is not None and length.isdigit() and int(length) > limit + MULTIPART_SLACK:
             metrics.BAD_INPUT.labels(reason="file_too_large").inc()
             return await _send_error(send, 413, "file_too_large",
                                      f"request body of {int(length)} bytes is over the limit of {limit} bytes "
-                                     f"for {path} (serve.max_upload_bytes)")
+                                     f"for {path} ({setting})")
         await self.app(scope, receive, _ValidationRewriter(send))
 
 

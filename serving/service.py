@@ -221,5 +221,6 @@ class Detector:
         return error_response(exc.code, exc.detail, exc.status)
 
 Detector.add_asgi_middleware(RequestGuard, upload_limits={
-    "/detect": CFG.max_upload_bytes, "/render": CFG.max_upload_bytes,
-    "/detect_batch": CFG.max_upload_bytes * CFG.max_batch_images, "/jobs": jobs_api.body_limit(JOBS_CFG)})
+    "/detect": (CFG.max_upload_bytes, "serve.max_upload_bytes"), "/render": (CFG.max_upload_bytes, "serve.max_upload_bytes"),
+    "/detect_batch": (CFG.max_upload_bytes * CFG.max_batch_images, "serve.max_upload_bytes x serve.max_batch_images"),
+    "/jobs": (jobs_api.body_limit(JOBS_CFG), "jobs.max_job_bytes")})

@@ -94,6 +94,10 @@ class TcpProxy:
     def cut(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept(); close() alone does not
+            except OSError:
+                pass
             listener.close()
         with self._lock:
             for conn in self._conns:
@@ -317,3 +321,16 @@ def job_env(base: Mapping[str, str], **urls: str) -> dict[str, str]:
         env[f"DETOPS_{key.upper()}"] = value
     return env
 
+
+
+def duplicated_results(store: object, job_ids: list[str]) -> int:
+    """How many (job, image index) pairs of `job_ids` hold more than one result row in the store."""
+    from sqlalchemy import func, select
+
+    from serving.jobs.store import job_results
+
+    per_image = (select(job_results.c.job_id, job_results.c.image_index, func.count().label("n"))
+                 .where(job_results.c.job_id.in_(job_ids))
+                 .group_by(job_results.c.job_id, job_results.c.image_index).subquery())
+    with store.engine.connect() as conn:  # type: ignore[attr-defined]
+        return conn.execute(select(func.count()).select_from(per_image).where(per_image.c.n > 1)).scalar()

@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -220,11 +221,12 @@ async def _read_multipart(request: Request, cfg: JobsConfig) -> Submission:
         form = await request.form(max_files=cfg.max_images_per_job, max_fields=len(FORM_FIELDS) + 1)
     except _BodyTooLarge:
         raise _too_large(cfg) from None
-    except MultiPartException as exc:
-        if "files" in str(exc).lower():
+    except (MultiPartException, HTTPException) as exc:  # Starlette turns the first into the second
+        message = getattr(exc, "detail", None) or str(exc)
+        if "too many files" in message.lower():
             raise RequestRejected("too_many_images", f"more than {cfg.max_images_per_job} images in one job "
                                   "(jobs.max_images_per_job)", 413) from None
-        raise RequestRejected("invalid_parameter", f"malformed multipart body ({exc})", 400) from None
+        raise RequestRejected("invalid_parameter", f"malformed multipart body ({message})", 400) from None
     try:
         unknown = sorted(set(form) - set(FORM_FIELDS))
         if unknown:

@@ -126,8 +126,10 @@ def deliver(url: str, payload: dict[str, Any], *, secret: str, cfg: JobsConfig) 
                "user-agent": "detops-webhooks", SIGNATURE_HEADER: sign(secret, timestamp, body),
                TIMESTAMP_HEADER: str(timestamp), EVENT_ID_HEADER: str(payload.get("job_id", ""))}
     try:
-        response = httpx.post(pinned, content=body, headers=headers, timeout=cfg.webhook_timeout_s,
-                              follow_redirects=False, extensions={"sni_hostname": host})
+        with httpx.Client(timeout=cfg.webhook_timeout_s, follow_redirects=False) as client:
+            request = client.build_request("POST", pinned, content=body, headers=headers,
+                                           extensions={"sni_hostname": host})  # TLS checks the name, not the IP
+            response = client.send(request)
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"
     if 200 <= response.status_code < 300:

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_process_init, worker_ready, worker_shutdown
 
 from pipelines import environment
 
@@ -74,6 +74,18 @@ def process_context() -> _Process:
                             worker_id=f"{socket.gethostname()}:{os.getpid()}",
                             max_pixels=load_serve_config().max_pixels)
     return _process
+
+
+@worker_process_init.connect
+def _preload(**_: Any) -> None:
+    """Load the live version when a pool process starts, so that no chunk pays for it (nor runs
+    into its time limit); a registry that cannot be asked now is asked again by the first task."""
+    try:
+        ctx = process_context()
+        live = ctx.live.get()
+        ctx.runtimes.get(live.name, live.version)
+    except Exception as exc:
+        log.warning("could not preload the live model (%s: %s); the first task will", type(exc).__name__, exc)
 
 
 @app.task(name=PROCESS_TASK, bind=True, autoretry_for=(StoreUnavailable, Transient, OSError),
