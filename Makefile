@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-stamp
 HOST ?= 127.0.0.1
+PORT ?= 3000
 
-.PHONY: setup lock pipeline test test-unit mlflow-ui serve loadtest bench drift labelstudio loop-demo clean
+.PHONY: setup lock pipeline test test-unit mlflow-ui serve worker loadtest bench bench-jobs drift labelstudio loop-demo clean
 
 setup: $(STAMP)
 
@@ -40,16 +41,26 @@ mlflow-ui: setup
 	$(BIN)/detops mlflow-ui --host $(HOST)
 
 # `detops build` imports @champion into BentoML's own store (~/bentoml, or $BENTOML_HOME), where the
-# plain `bentoml serve` below finds it, as it does when run by hand.
+# plain `bentoml serve` below finds it, as it does when run by hand. One `detops worker` runs beside it
+# for /jobs (embedded job store and broker under ./jobs_store unless DETOPS_*_URL say otherwise); it
+# stops with the service (Ctrl-C). `make worker` (or `detops worker`) starts more.
 serve: setup
 	$(BIN)/detops build
-	$(BIN)/bentoml serve serving.service:Detector --host $(HOST) --port 3000
+	$(BIN)/detops worker & worker=$$!; trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT; \
+	$(BIN)/bentoml serve serving.service:Detector --host $(HOST) --port $(PORT)
+
+worker: setup
+	$(BIN)/detops worker
 
 loadtest: setup
 	$(PY) -m tests.load.run
 
 bench: setup
 	$(PY) -m tests.bench.serving_bench
+
+# A 1,000-image job through the queue and `detops batch run` vs the raw engine (docs/jobs.md).
+bench-jobs: setup
+	$(PY) -m tests.bench.jobs_bench --production
 
 # The monitoring pipeline (pipelines/monitoring/dvc.yaml): exit 3 means drift was found.
 drift: setup

@@ -71,7 +71,7 @@ def batch_run(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from pipelines.errors import DetopsError
-    from serving.jobs.batch import ModelSource, coco_path, run_folder
+    from serving.jobs.batch import ModelSource, coco_path, image_files, run_folder
     from serving.jobs.models import live_model, model_folder
     from serving.runtime import available_cores
     from serving.settings import load_jobs_config, load_serve_config
@@ -81,6 +81,7 @@ def batch_run(
     if processes is not None and processes < 1:
         raise DetopsError(f"--processes must be >= 1 (got {processes})")
     serve, jobs = load_serve_config(), load_jobs_config()
+    files = image_files(folder)
     if model_dir is not None:
         source = ModelSource(model_dir=model_dir, name=serve.model_name, version=f"local:{model_dir.resolve()}")
     else:
@@ -88,16 +89,21 @@ def batch_run(
 
         found = str(registry.resolve(serve.model_name, version=version).version) if version else live_model().version
         source = ModelSource(model_dir=model_folder(serve.model_name, found), name=serve.model_name, version=found)
-    with Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), transient=False) as bar:
-        task = bar.add_task(f"{folder}", total=None)
+    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn())
+    task = bar.add_task(f"{folder}", total=len(files))
 
-        def advance(n: int, total: int) -> None:
-            bar.update(task, advance=n, total=total)
+    def advance(n: int, total: int) -> None:
+        bar.start()  # once the model and options were accepted: an error stays one line
+        bar.update(task, advance=n, total=total)
 
-        new, before, failed = run_folder(folder, out, source, _options(conf, iou, max_det, classes),
+    try:
+        new, before, failed = run_folder(folder, files, out, source, _options(conf, iou, max_det, classes),
                                          processes=processes or available_cores(), chunk_size=jobs.chunk_size,
                                          max_bytes=jobs.max_image_bytes, max_pixels=serve.max_pixels, progress=advance)
+    finally:
+        if bar.live.is_started:
+            bar.stop()
     typer.echo(f"{new} images detected ({failed} failed), {before} already in {out}; COCO results: {coco_path(out)}")
 
 

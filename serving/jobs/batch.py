@@ -118,12 +118,11 @@ def _detect_files(root: str, rels: list[str], options: dict[str, Any], max_bytes
     return [records[i] for i in range(len(rels))]
 
 
-def run_folder(folder: Path, out: Path, source: ModelSource, options: dict[str, Any], *, processes: int,
-               chunk_size: int, max_bytes: int, max_pixels: int,
+def run_folder(folder: Path, files: Sequence[Path], out: Path, source: ModelSource, options: dict[str, Any], *,
+               processes: int, chunk_size: int, max_bytes: int, max_pixels: int,
                progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int]:
-    """Detect every image of `folder` not yet in `out`; (images done now, already done before,
-    failed now). Calls `progress(advance, total)` as chunks complete."""
-    files = image_files(folder)
+    """Detect every file of `files` (`image_files(folder)`) not yet in `out`; (images done now,
+    already done before, failed now). Calls `progress(advance, total)` as chunks complete."""
     done = read_done(out)
     rels = [f.relative_to(folder).as_posix() for f in files]
     todo = [r for r in rels if r not in done]

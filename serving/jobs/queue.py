@@ -93,3 +93,16 @@ def publish(app: Celery, job_id: str, queue: str, count: int = 1) -> bool:
                     type(exc).__name__, exc)
         return False
     return True
+
+
+def purge_delivered(engine: object, older_than_s: float) -> int:
+    """Delete the rows of messages the embedded broker already delivered (kombu's SQLAlchemy
+    transport keeps them, marked invisible) that are older than `older_than_s`; how many."""
+    from datetime import datetime, timedelta
+
+    from sqlalchemy import text
+
+    cutoff = datetime.now() - timedelta(seconds=older_than_s)  # kombu stamps local time
+    with engine.begin() as conn:  # type: ignore[attr-defined]
+        return conn.execute(text("DELETE FROM kombu_message WHERE visible = 0 AND timestamp < :cutoff"),
+                            {"cutoff": cutoff}).rowcount

@@ -34,13 +34,14 @@ environment.configure()
 from serving.jobs.engine import detect_encoded  # noqa: E402
 from serving.jobs.models import LiveModel, Runtimes  # noqa: E402
 from serving.jobs.objects import ObjectStore, open_object_store  # noqa: E402
-from serving.jobs.queue import PROCESS_TASK, default_app, publish  # noqa: E402
+from serving.jobs.queue import PROCESS_TASK, default_app, publish, purge_delivered  # noqa: E402
 from serving.jobs.results import IMAGE_FAILED, ImageResult  # noqa: E402
 from serving.jobs.settings import JobsSettings, load_jobs_settings  # noqa: E402
 from serving.jobs.store import JobStore, StoreUnavailable  # noqa: E402
 from serving.settings import load_serve_config  # noqa: E402
 
 log = logging.getLogger(__name__)
+DELIVERED_KEEP_S = 3600.0  # the embedded broker's delivered messages are deleted after an hour
 app = default_app()
 SETTINGS = load_jobs_settings()
 CFG = SETTINGS.config
@@ -151,6 +152,7 @@ class Housekeeping:
     worker_id: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     stopping: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
+    broker_engine: Any = None
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="detops-housekeeping", daemon=True)
@@ -197,6 +199,8 @@ class Housekeeping:
 
     def _reap(self, store: JobStore, live: LiveModel) -> None:
         cfg = self.settings.config
+        if self.settings.embedded_broker:
+            self._purge_broker()
         try:
             version: str | None = live.get().version
         except Exception:
@@ -207,6 +211,19 @@ class Housekeeping:
         for job_id in store.stalled_jobs(reap_interval_s=cfg.reap_interval_s, requeue_after_s=cfg.requeue_after_s):
             log.info("job %s stalled (expired lease or lost message): waking it up again", job_id)
             publish(app, job_id, cfg.queue)
+
+
+    def _purge_broker(self) -> None:
+        from sqlalchemy import create_engine
+        from sqlalchemy.exc import OperationalError
+
+        if self.broker_engine is None:
+            self.broker_engine = create_engine(self.settings.broker_url.removeprefix("sqla+"),
+                                               connect_args={"timeout": 60})
+        try:
+            purge_delivered(self.broker_engine, DELIVERED_KEEP_S)
+        except OperationalError:  # no message table yet
+            pass
 
 
 _housekeeping: Housekeeping | None = None

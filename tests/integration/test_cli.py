@@ -122,7 +122,8 @@ def user_env(workdir: Path, mlflow_uri: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "BENTOML_HOME"}
     return {**env, "HOME": str(workdir / "home"), "MLFLOW_TRACKING_URI": mlflow_uri,
             "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "DETOPS_SERVE_WORKERS": "1",
-            "DETOPS_SERVE_PREDICTION_LOG": str(workdir / "monitoring_store"), "DETOPS_SERVE_KEEP_IMAGES": "true"}
+            "DETOPS_SERVE_PREDICTION_LOG": str(workdir / "monitoring_store"), "DETOPS_SERVE_KEEP_IMAGES": "true",
+            "DETOPS_JOBS_DATA_DIR": str(workdir / "jobs_store")}  # the embedded job store, broker and images
 
 
 def shell(env: dict[str, str], *argv: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess[str]:
@@ -144,6 +145,7 @@ def test_build_then_plain_bentoml_serve_and_monitoring_verbs(workdir: Path, user
     with bentoml_serve(user_env, "serving.service:Detector", cwd=PROJECT_ROOT, log=workdir / "serve.log") as url:
         ok("simulate", "--url", url, "--n", "110", "--rate", "100")
         refused("simulate", "--url", "ftp://nowhere", match="--url")
+        batch_verbs(workdir, user_env, url)
 
     # The drift window and the push read what the service logged (params.yaml: monitoring_store).
     drift = detops("drift")
@@ -160,6 +162,43 @@ def test_build_then_plain_bentoml_serve_and_monitoring_verbs(workdir: Path, user
     # The bento `detops build` made, served by its tag.
     with bentoml_serve(user_env, "detops-detector:latest", cwd=workdir, log=workdir / "serve-bento.log"):
         pass
+
+
+def batch_verbs(workdir: Path, user_env: dict[str, str], url: str) -> None:
+    """`detops worker` on the embedded default (no server URL set), `detops batch submit` through
+    /jobs and `detops batch run` in process on the same folder: the same records."""
+    from tests.jobs_services import start_worker
+
+    folder = workdir / "batch"
+    (folder / "nested").mkdir(parents=True)
+    for i, image in enumerate(sorted((workdir / "data" / "raw" / "images").glob("*.jpg"))[:12]):
+        shutil.copy(image, folder / ("nested" if i % 3 == 0 else "") / image.name)
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    worker = start_worker(user_env, workdir / "worker.log",
+                          store_url=f"sqlite:///{workdir / 'jobs_store' / 'jobs.db'}")
+    try:
+        submitted = ok("batch", "submit", str(folder), "--url", url, "--out", str(workdir / "submitted.jsonl"),
+                       "--conf", "0.01", "--poll", "0.3", "--timeout", "180")
+    finally:
+        worker.stop()
+    assert "broken.png: not_an_image" in submitted.output
+    assert "12 succeeded, 1 failed of 13 (model v1)" in submitted.output
+    refused("batch", "submit", str(folder), "--url", "ftp://nowhere", match="--url")
+    refused("worker", "--concurrency", "0", match="--concurrency")
+
+    run = shell(user_env, "detops", "batch", "run", str(folder), "--out", str(workdir / "run.jsonl"), "--conf", "0.01")
+    assert run.returncode == 0 and "13 images detected (1 failed)" in run.stdout, run.stderr[-2000:]
+    again = shell(user_env, "detops", "batch", "run", str(folder), "--out", str(workdir / "run.jsonl"))
+    assert "0 images detected (0 failed), 13 already" in again.stdout, again.stderr[-2000:]
+    records = {}
+    for name in ("submitted", "run"):
+        lines = [json.loads(line) for line in (workdir / f"{name}.jsonl").read_text().splitlines()]
+        records[name] = {r["path"]: (r["status"], r.get("detections"), r.get("error")) for r in lines}
+    assert records["run"] == records["submitted"] and len(records["run"]) == 13  # through the queue = in process
+    assert "nested/" in "".join(records["run"])
+    coco = json.loads((workdir / "run.coco.json").read_text())
+    assert coco == json.loads((workdir / "submitted.coco.json").read_text())
+    refused("batch", "run", "nowhere", "--out", "x.jsonl", match="nowhere")
 
 
 @contextmanager

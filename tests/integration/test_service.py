@@ -147,24 +147,13 @@ def test_render_returns_a_jpeg_of_the_image_size(server: dict) -> None:
     assert np.abs(drawn - original).mean() > 1  # boxes were drawn over the noise, not just re-encoded
 
 
-def test_async_task_round_trip(server: dict) -> None:
-    url = server["url"] + "/detect_async"
-    submitted = httpx.post(url + "/submit", files={"image": ("x.jpg", images.jpeg(70, 50))}, timeout=30)
-    assert submitted.status_code == 200, submitted.text
-    task_id = submitted.json()["task_id"]
-    deadline = time.monotonic() + 30
-    while (status := httpx.get(url + "/status", params={"task_id": task_id}).json()["status"]) in (
-            "in_progress", "pending") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert status == "completed", status
-    result = httpx.get(url + "/get", params={"task_id": task_id}, timeout=30)
-    check_detect_body(result.json(), 70, 50, server["classes"])
-
-
 def test_openapi_lists_the_endpoints(server: dict) -> None:
     spec = httpx.get(server["url"] + "/docs.json").json()
-    for path in ("/detect", "/detect_batch", "/render", "/detect_async/submit"):
+    for path in ("/detect", "/detect_batch", "/render", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/results"):
         assert path in spec["paths"], path
+    assert set(spec["paths"]["/jobs"]["post"]["requestBody"]["content"]) == {"multipart/form-data", "application/json"}
+    assert set(spec["paths"]["/jobs/{job_id}"]) == {"get", "delete"}
+    assert not [p for p in spec["paths"] if "detect_async" in p]  # the non-durable task endpoint is gone
     assert httpx.get(server["url"] + "/").status_code == 200
     assert httpx.get(server["url"] + "/livez").status_code == 200
 

@@ -1,0 +1,208 @@
+"""`make bench-jobs`: durable jobs and `detops batch run` against the raw engine, in one run, on the
+same cores, the same model and the same 1,000 images (synthetic, like the pipeline's, as JPEG files).
+
+(a) raw engine: the shared runtime in the tightest loop that does the same work (read the file,
+    decode it, letterbox, infer, post-process), in the best layout of this machine's cores: N
+    processes x 1 ONNX Runtime thread and 1 process x N threads, timed after the model is loaded;
+    and the same without reading and decoding (pre-decoded pixels), for reference;
+(b) `detops batch run` (serving/jobs/batch.py `run_folder`, what the verb runs): timed from the call,
+    so its pool start and model loading count, JSON Lines and COCO written;
+(c) a 1,000-image job through the queue: `POST /jobs` to a running `bentoml serve`, `detops worker`
+    with N processes x 1 thread, timed from the 202 to `succeeded` (and from the POST, upload
+    included), on the embedded default (SQLite job store, SQLite broker, local folder) and on the
+    production configuration (Redis + PostgreSQL, both started for the run).
+
+Prints images/s and the ratios to the best raw engine; target: batch run >= 0.9 x raw. The targets
+do not set the exit code (a measurement on whatever machine runs it, often shared and noisy). Writes
+reports/bench/jobs.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from pipelines.errors import DetopsError
+
+TARGET_BATCH_OVER_RAW = 0.9
+
+
+def _raw_worker(model_dir: str, files: list[str], threads: int, decode: bool, barrier: object, out: object) -> None:
+    import numpy as np
+
+    from pipelines.images import read_rgb
+    from serving.imaging import decode_image
+    from serving.runtime import ModelRuntime
+
+    runtime = ModelRuntime.load(Path(model_dir), threads=threads)
+    pixels = None if decode else [read_rgb(Path(f).read_bytes()) for f in files]
+    runtime.predict([np.full((64, 64, 3), 114, np.uint8)])  # warm-up
+    barrier.wait()  # type: ignore[attr-defined]
+    start = time.perf_counter()
+    for i in range(0, len(files), 32):
+        if decode:
+            batch = [decode_image(Path(f).read_bytes(), max_bytes=1 << 30, max_pixels=1 << 30).rgb
+                     for f in files[i:i + 32]]
+        else:
+            batch = pixels[i:i + 32]
+        runtime.predict(batch)
+    out.put(time.perf_counter() - start)  # type: ignore[attr-defined]
+
+
+def raw_engine(model_dir: Path, files: list[Path], processes: int, threads: int, decode: bool) -> float:
+    """images/s of `processes` processes with `threads` ORT threads each over `files` (split evenly)."""
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(processes + 1), ctx.Queue()
+    shares = [[str(f) for f in files[k::processes]] for k in range(processes)]
+    procs = [ctx.Process(target=_raw_worker, args=(str(model_dir), share, threads, decode, barrier, out))
+             for share in shares]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    elapsed = max(out.get(timeout=600) for _ in procs)
+    for p in procs:
+        p.join()
+    return len(files) / elapsed
+
+
+def bench_batch_run(model_dir: Path, folder: Path, out: Path, processes: int) -> float:
+    from serving.jobs.batch import ModelSource, image_files, run_folder
+
+    start = time.perf_counter()
+    new, _, failed = run_folder(folder, image_files(folder), out, ModelSource(model_dir, "bench", "local"), {}, processes=processes,
+                                chunk_size=32, max_bytes=1 << 30, max_pixels=1 << 30)
+    elapsed = time.perf_counter() - start
+    if failed:
+        raise DetopsError(f"batch run: {failed} images failed")
+    return new / elapsed
+
+
+def bench_queue(model_dir: Path, files: list[Path], workdir: Path, processes: int, urls: dict[str, str]) -> dict:
+    """One job of every file through a running service and `detops worker`: images/s from the 202
+    and from the POST."""
+    from pipelines.registry import set_champion
+    from tests.jobs_services import register_model_dir, start_worker
+    from tests.serving_process import detector_service
+
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    set_champion("detops-detector", register_model_dir(model_dir, "detops-detector"), reason="bench")
+    env = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "DETOPS_JOBS_DATA_DIR": str(workdir / "jobs"),
+           "DETOPS_JOBS_MAX_IMAGES_PER_JOB": str(len(files)), "DETOPS_JOBS_WORKER_THREADS": "1", **urls}
+    with detector_service(model_dir, workdir, overrides=env) as server:
+        store_url = urls.get("DETOPS_DATABASE_URL", f"sqlite:///{workdir / 'jobs' / 'jobs.db'}")
+        worker = start_worker({**os.environ, **env}, workdir / "worker.log", concurrency=processes,
+                              store_url=store_url)
+        try:
+            uploads = [("images", (f.name, f.read_bytes())) for f in files]
+            posted = time.perf_counter()
+            response = httpx.post(server.url + "/jobs", files=uploads, timeout=600)
+            accepted = time.perf_counter()
+            if response.status_code != 202:
+                raise DetopsError(f"POST /jobs: {response.status_code} {response.text[:300]}")
+            job_id = response.json()["job_id"]
+            while (status := httpx.get(f"{server.url}/jobs/{job_id}", timeout=60).json())["status"] in (
+                    "queued", "running"):
+                time.sleep(0.05)
+            done = time.perf_counter()
+        finally:
+            worker.stop()
+    if status["status"] != "succeeded" or status["counts"]["succeeded"] != len(files):
+        raise DetopsError(f"job {job_id}: {status['status']} {status['counts']}")
+    return {"from_202_images_per_s": len(files) / (done - accepted),
+            "from_post_images_per_s": len(files) / (done - posted), "upload_s": accepted - posted}
+
+
+def machine() -> dict:
+    flags = ""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line.split(":", 1)[1] for line in info.splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        model = platform.processor()
+    wanted = ("avx2", "avx512f", "avx512_vnni", "fma")
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0)), "flags": [f for f in wanted if f in flags.split()],
+            "python": sys.version.split()[0], "load_avg_at_start": os.getloadavg()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=Path("models"))
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--out", type=Path, default=Path("reports/bench/jobs.json"))
+    parser.add_argument("--production", action="store_true", help="also Redis + PostgreSQL (started for the run)")
+    args = parser.parse_args(argv)
+    from pipelines import environment
+
+    environment.configure()
+    if not (args.model_dir / "model.onnx").is_file():
+        raise SystemExit(f"error: {args.model_dir}: no model.onnx (run `make pipeline`, or pass --model-dir)")
+    from serving.runtime import ModelCard, available_cores
+    from tests.serving_process import synthetic_jpegs
+
+    cores = available_cores()
+    card = ModelCard.load(args.model_dir / "model_card.json")
+    report: dict = {"machine": machine(), "model": {"dir": str(args.model_dir), "imgsz": card.imgsz},
+                    "images": args.images}
+    with tempfile.TemporaryDirectory(prefix="detops-bench-jobs-") as tmp:
+        work = Path(tmp)
+        folder = work / "images"
+        folder.mkdir()
+        for i, data in enumerate(synthetic_jpegs(args.images)):
+            (folder / f"{i:05d}.jpg").write_bytes(data)
+        files = sorted(folder.iterdir())
+        layouts = {f"{cores} processes x 1 thread": (cores, 1), f"1 process x {cores} threads": (1, cores)}
+        raw = {name: raw_engine(args.model_dir, files, p, t, decode=True) for name, (p, t) in layouts.items()}
+        raw_pixels = {name: raw_engine(args.model_dir, files, p, t, decode=False) for name, (p, t) in layouts.items()}
+        best = max(raw.values())
+        report["raw_images_per_s"] = raw
+        report["raw_without_decode_images_per_s"] = raw_pixels
+        report["batch_run_images_per_s"] = bench_batch_run(args.model_dir, folder, work / "run.jsonl", cores)
+        report["queue_embedded"] = bench_queue(args.model_dir, files, work / "embedded", cores, {})
+        if args.production:
+            from tests.jobs_services import postgres_database, redis_server
+
+            with postgres_database() as db, redis_server(work / "redis") as redis:
+                report["queue_redis_postgresql"] = bench_queue(
+                    args.model_dir, files, work / "production", cores,
+                    {"DETOPS_DATABASE_URL": db, "DETOPS_BROKER_URL": redis.url,
+                     "DETOPS_OBJECT_STORE_URL": str(work / "production-objects")})
+    ratios = {"batch_run / raw": report["batch_run_images_per_s"] / best,
+              "queue (embedded, from 202) / raw": report["queue_embedded"]["from_202_images_per_s"] / best,
+              "queue (embedded, from POST) / raw": report["queue_embedded"]["from_post_images_per_s"] / best}
+    if args.production:
+        ratios["queue (Redis+PostgreSQL, from 202) / raw"] = report["queue_redis_postgresql"]["from_202_images_per_s"] / best
+        ratios["queue (Redis+PostgreSQL, from POST) / raw"] = (report["queue_redis_postgresql"]["from_post_images_per_s"]
+                                                              / best)
+    report["ratios"] = ratios
+    report["machine"]["load_avg_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report["machine"]))
+    print(f"model imgsz {card.imgsz}, {args.images} images")
+    for name, value in {**{f"raw, {k}": v for k, v in raw.items()},
+                        **{f"raw without decode, {k}": v for k, v in raw_pixels.items()}}.items():
+        print(f"{name:48s} {value:8.1f} images/s")
+    print(f"{'batch run':48s} {report['batch_run_images_per_s']:8.1f} images/s")
+    for key in ("queue_embedded", "queue_redis_postgresql"):
+        if key in report:
+            print(f"{key + ', from 202':48s} {report[key]['from_202_images_per_s']:8.1f} images/s "
+                  f"(from POST {report[key]['from_post_images_per_s']:.1f}, upload {report[key]['upload_s']:.1f} s)")
+    for name, value in ratios.items():
+        target = f"  target >= {TARGET_BATCH_OVER_RAW}: {'pass' if value >= TARGET_BATCH_OVER_RAW else 'miss'}" \
+            if name.startswith("batch") else ""
+        print(f"{name:48s} {value:8.2f}{target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
