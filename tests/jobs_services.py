@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager as ContextManager
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -149,32 +150,37 @@ class Broker:
 
 
 @contextmanager
-def redis_server(workdir: Path) -> Iterator[Broker]:
-    """redis-server on a free port with AOF on (fsync always), data in `workdir`."""
-    port = free_port()
-    workdir.mkdir(parents=True, exist_ok=True)
-    log = workdir / "redis.log"
+def _restartable(argv: list[str], *, port: int, url: str, log: Path, env: Mapping[str, str] | None = None,
+                 start_timeout_s: float = 60.0, stop_timeout_s: float = 20.0) -> Iterator[Broker]:
+    """A server started now, stoppable and startable again (same port, same data), stopped at the end."""
     state: dict[str, int] = {}
 
     def start() -> None:
-        proc = spawn(["redis-server", "--port", str(port), "--bind", HOST, "--appendonly", "yes",
-                      "--appendfsync", "always", "--dir", str(workdir), "--save", ""], log=log)
+        proc = spawn(argv, log=log, env=env)
         state["pid"] = proc.pid
-        wait_port(port, pid=proc.pid, log=log)
+        wait_port(port, pid=proc.pid, log=log, timeout_s=start_timeout_s)
 
     def halt() -> None:
-        stop(state.pop("pid"))
+        stop(state.pop("pid"), timeout_s=stop_timeout_s)
 
     start()
     try:
-        yield Broker(url=f"redis://{HOST}:{port}/0", start=start, stop=halt)
+        yield Broker(url=url, start=start, stop=halt)
     finally:
         if "pid" in state:
             halt()
 
 
-@contextmanager
-def rabbitmq_node(workdir: Path) -> Iterator[Broker]:
+def redis_server(workdir: Path) -> ContextManager[Broker]:
+    """redis-server on a free port with AOF on (fsync always), data in `workdir`."""
+    port = free_port()
+    workdir.mkdir(parents=True, exist_ok=True)
+    argv = ["redis-server", "--port", str(port), "--bind", HOST, "--appendonly", "yes", "--appendfsync", "always",
+            "--dir", str(workdir), "--save", ""]
+    return _restartable(argv, port=port, url=f"redis://{HOST}:{port}/0", log=workdir / "redis.log")
+
+
+def rabbitmq_node(workdir: Path) -> ContextManager[Broker]:
     """A RabbitMQ node of its own (name, AMQP and distribution ports, data and log folders, no
     plugins), run as the current user; durable queues survive its restart."""
     server = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")  # not the wrapper, which switches users
@@ -190,23 +196,8 @@ def rabbitmq_node(workdir: Path) -> Iterator[Broker]:
            "RABBITMQ_LOG_BASE": str(workdir / "log"), "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
            "RABBITMQ_CONF_ENV_FILE": str(workdir / "rabbitmq-env.conf"), "ERL_EPMD_ADDRESS": HOST}
-    log = workdir / "rabbitmq.out"
-    state: dict[str, int] = {}
-
-    def start() -> None:
-        proc = spawn([str(server)], log=log, env=env)
-        state["pid"] = proc.pid
-        wait_port(port, pid=proc.pid, log=log, timeout_s=120)
-
-    def halt() -> None:
-        stop(state.pop("pid"), timeout_s=60)
-
-    start()
-    try:
-        yield Broker(url=f"amqp://guest:guest@{HOST}:{port}//", start=start, stop=halt)
-    finally:
-        if "pid" in state:
-            halt()
+    return _restartable([str(server)], port=port, url=f"amqp://guest:guest@{HOST}:{port}//",
+                        log=workdir / "rabbitmq.out", env=env, start_timeout_s=120, stop_timeout_s=60)
 
 
 # --------------------------------------------------------------------------- webhook receiver
@@ -292,6 +283,7 @@ def start_worker(env: Mapping[str, str], log: Path, *, concurrency: int = 1, wai
                  log=log, env=env, cwd=ROOT)
     store = JobStore(store_url or env["DETOPS_DATABASE_URL"])
     try:
+        store.create_schema()  # the worker creates it too: whoever comes first
         deadline = time.monotonic() + wait_s
         while not any(w["pid"] == proc.pid for w in _safe_workers(store)):
             if not alive(proc.pid):

@@ -13,6 +13,7 @@ from pipelines.cli.common import app, user_errors
 batch = typer.Typer(help="A folder of images through the model: in-process (run) or as a job of a service (submit).",
                     no_args_is_help=True)
 
+Folder = Annotated[Path, typer.Argument(help="folder of images (searched recursively)")]
 Conf = Annotated[Optional[float], typer.Option(help="minimum calibrated confidence (default: model card)")]
 Iou = Annotated[Optional[float], typer.Option(help="NMS IoU threshold (default: model card)")]
 MaxDet = Annotated[Optional[int], typer.Option("--max-det", help="most detections per image (default: model card)")]
@@ -58,7 +59,7 @@ def _options(conf: float | None, iou: float | None, max_det: int | None, classes
 @batch.command("run")
 @user_errors
 def batch_run(
-    folder: Annotated[Path, typer.Argument(help="folder of images (searched recursively)")],
+    folder: Folder,
     out: Annotated[Path, typer.Option("--out", help="JSON Lines output (COCO results beside it: <stem>.coco.json)")],
     model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="a local model folder instead of the "
                                                       "registry's live version")] = None,
@@ -110,7 +111,7 @@ def batch_run(
 @batch.command("submit")
 @user_errors
 def batch_submit(
-    folder: Annotated[Path, typer.Argument(help="folder of images (searched recursively)")],
+    folder: Folder,
     url: Annotated[str, typer.Option("--url", help="the service, e.g. http://127.0.0.1:3000")],
     out: Annotated[Optional[Path], typer.Option("--out", help="also write the records as JSON Lines (and COCO "
                                                 "results beside it)")] = None,

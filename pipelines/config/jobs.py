@@ -33,8 +33,8 @@ class JobsConfig(Section):
     max_attempts: int = Field(3, ge=1)  # an image that crashed or timed out this often is dead-lettered
     # Transient failures (database, broker, object store, registry): Celery retries with backoff.
     max_retries: int = Field(8, ge=0)
-    retry_backoff_s: float = Field(1.0, gt=0)
-    retry_backoff_max_s: float = Field(300.0, gt=0)
+    retry_backoff_s: int = Field(1, ge=1)  # whole seconds (Celery's backoff computes in integers)
+    retry_backoff_max_s: int = Field(300, ge=1)
     # The workers' housekeeping thread: re-publish wake-ups of stalled jobs, heartbeat, webhooks.
     reap_interval_s: float = Field(5.0, gt=0)
     requeue_after_s: float = Field(120.0, gt=0)  # a queued job untouched this long gets a new wake-up

@@ -328,13 +328,10 @@ def _accept(be: Backend, submission: Submission, idempotency_key: str | None) ->
         if found is not None:
             return _replayed(found, digest, idempotency_key), True
     job_id = uuid.uuid4().hex
-    images = []
+    images = [NewImage(index=index, name=name, object_key=f"{job_id}/{index}", size_bytes=len(data),
+                       sha256=hashlib.sha256(data).hexdigest()) for index, (name, data) in enumerate(submission.images)]
     try:
-        for index, (name, data) in enumerate(submission.images):
-            key = f"{job_id}/{index}"
-            be.objects.put(key, data)
-            images.append(NewImage(index=index, name=name, object_key=key, size_bytes=len(data),
-                                   sha256=hashlib.sha256(data).hexdigest()))
+        be.objects.put_many([(image.object_key, data) for image, (_, data) in zip(images, submission.images)])
         options = submission.options.model_dump()
         job, created = be.store.create_job(NewJob(
             job_id=job_id, request_hash=digest, images=images, idempotency_key=idempotency_key,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +24,9 @@ class ObjectStore(Protocol):
 
     def put(self, key: str, data: bytes) -> None:
         """Store `data` under `key`, durably, replacing what was there."""
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """`put` of every (key, data), concurrently; durable when it returns."""
 
     def get(self, key: str) -> bytes:
         """The bytes under `key`; FileNotFoundError when there are none."""
@@ -45,6 +50,16 @@ class LocalObjectStore:
         self.url = str(self.root)
 
     def put(self, key: str, data: bytes) -> None:
+        _fsync_dir(self._write(key, data).parent)
+
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        # Each file is fsynced (in threads: fsync releases the GIL), each folder once at the end.
+        folders = {p.parent for p in _threaded(lambda item: self._write(*item), items)}
+        for folder in folders:
+            _fsync_dir(folder)
+
+    def _write(self, key: str, data: bytes) -> Path:
+        """Write `data` to a temporary file, fsync it and rename it into place; the final path."""
         path = self.root / _check_key(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
@@ -57,7 +72,7 @@ class LocalObjectStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        _fsync_dir(path.parent)
+        return path
 
     def get(self, key: str) -> bytes:
         return (self.root / _check_key(key)).read_bytes()
@@ -92,6 +107,9 @@ class FsspecObjectStore:
         self.fs.makedirs(parent, exist_ok=True)  # a no-op on object stores, needed on local/NFS paths
         self.fs.pipe_file(path, data)
 
+    def put_many(self, items: Sequence[tuple[str, bytes]]) -> None:
+        _threaded(lambda item: self.put(*item), items)
+
     def get(self, key: str) -> bytes:
         return self.fs.cat_file(self._path(key))
 
@@ -108,6 +126,14 @@ def open_object_store(url: str) -> ObjectStore:
     if url.startswith("file:///"):
         return LocalObjectStore(url[len("file://"):])
     return FsspecObjectStore(url)
+
+
+def _threaded(fn: Callable[[Any], Any], items: Sequence[Any], threads: int = 8) -> list[Any]:
+    """`fn` over `items` in a few threads (object writes wait on disks and networks), in order."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    with ThreadPoolExecutor(min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def _fsync_dir(folder: Path) -> None:

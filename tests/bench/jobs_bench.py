@@ -89,12 +89,9 @@ def bench_batch_run(model_dir: Path, folder: Path, out: Path, processes: int) ->
 def bench_queue(model_dir: Path, files: list[Path], workdir: Path, processes: int, urls: dict[str, str]) -> dict:
     """One job of every file through a running service and `detops worker`: images/s from the 202
     and from the POST."""
-    from pipelines.registry import set_champion
-    from tests.jobs_services import register_model_dir, start_worker
+    from tests.jobs_services import start_worker
     from tests.serving_process import detector_service
 
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
-    set_champion("detops-detector", register_model_dir(model_dir, "detops-detector"), reason="bench")
     env = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "DETOPS_JOBS_DATA_DIR": str(workdir / "jobs"),
            "DETOPS_JOBS_MAX_IMAGES_PER_JOB": str(len(files)), "DETOPS_JOBS_WORKER_THREADS": "1", **urls}
     with detector_service(model_dir, workdir, overrides=env) as server:
@@ -160,14 +157,22 @@ def main(argv: list[str] | None = None) -> int:
         for i, data in enumerate(synthetic_jpegs(args.images)):
             (folder / f"{i:05d}.jpg").write_bytes(data)
         files = sorted(folder.iterdir())
+        from pipelines.registry import set_champion
+        from tests.jobs_services import register_model_dir
+
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"  # the workers load @champion from here
+        set_champion("detops-detector", register_model_dir(args.model_dir, "detops-detector"), reason="bench")
         layouts = {f"{cores} processes x 1 thread": (cores, 1), f"1 process x {cores} threads": (1, cores)}
         raw = {name: raw_engine(args.model_dir, files, p, t, decode=True) for name, (p, t) in layouts.items()}
         raw_pixels = {name: raw_engine(args.model_dir, files, p, t, decode=False) for name, (p, t) in layouts.items()}
+        print("raw:", raw, "without decode:", raw_pixels, flush=True)
         best = max(raw.values())
         report["raw_images_per_s"] = raw
         report["raw_without_decode_images_per_s"] = raw_pixels
         report["batch_run_images_per_s"] = bench_batch_run(args.model_dir, folder, work / "run.jsonl", cores)
+        print("batch run:", report["batch_run_images_per_s"], flush=True)
         report["queue_embedded"] = bench_queue(args.model_dir, files, work / "embedded", cores, {})
+        print("queue, embedded:", report["queue_embedded"], flush=True)
         if args.production:
             from tests.jobs_services import postgres_database, redis_server
 

@@ -39,7 +39,7 @@ MAX_IMAGES, MAX_IMAGE_BYTES, MAX_JOB_BYTES = 400, 3_000_000, 60_000_000
 SETTINGS = {  # small chunks, short leases and intervals, so that every fault resolves in seconds
     "DETOPS_JOBS_CHUNK_SIZE": "4", "DETOPS_JOBS_PARALLEL_CHUNKS": "2", "DETOPS_JOBS_CHUNK_TIME_LIMIT_S": "1",
     "DETOPS_JOBS_LEASE_SLACK_S": "1.5", "DETOPS_JOBS_REAP_INTERVAL_S": "0.5", "DETOPS_JOBS_REQUEUE_AFTER_S": "4",
-    "DETOPS_JOBS_MODEL_CHECK_INTERVAL_S": "0.5", "DETOPS_JOBS_MAX_ATTEMPTS": "3", "DETOPS_JOBS_RETRY_BACKOFF_S": "0.2",
+    "DETOPS_JOBS_MODEL_CHECK_INTERVAL_S": "0.5", "DETOPS_JOBS_MAX_ATTEMPTS": "3", "DETOPS_JOBS_RETRY_BACKOFF_S": "1",
     "DETOPS_JOBS_RETRY_BACKOFF_MAX_S": "2", "DETOPS_JOBS_WEBHOOK_BACKOFF_S": "0.3",
     "DETOPS_JOBS_WEBHOOK_BACKOFF_MAX_S": "1", "DETOPS_JOBS_WEBHOOK_MAX_ATTEMPTS": "5",
     "DETOPS_JOBS_WEBHOOK_SCHEMES": "[http, https]", "DETOPS_JOBS_WEBHOOK_ALLOW_PRIVATE": "true",
@@ -357,18 +357,22 @@ def test_database_unavailable_at_submit(stack: Stack) -> None:
         with stack.db.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(st.jobs)).scalar()
 
+    picture = images.smooth_jpeg(1600, 1200)
+    running = accepted(submit(stack, [(f"p{i}.jpg", picture) for i in range(120)]))
+    wait_until(lambda: processed(stack, running) > 0, timeout_s=60, what="a job running")
     before, objects_before = jobs_in_db(), set(os.listdir(stack.objects))
-    stack.proxy.cut()
+    stack.proxy.cut()  # the worker loses the database mid-job too: its chunks retry with backoff
     try:
         refused = submit(stack, good_images(3), timeout=60)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "7", refused.text
         assert refused.json()["error"] == "job_store_unavailable"
         assert httpx.get(f"{stack.url}/jobs/{uuid.uuid4().hex}").status_code == 503
+        time.sleep(2)
     finally:
         stack.proxy.restore()
     assert jobs_in_db() == before and set(os.listdir(stack.objects)) == objects_before  # nothing half-written
     retried = accepted(submit(stack, good_images(3)))
-    check_in_database(stack, "database cut at submit (503, then retried)", [retried])
+    check_in_database(stack, "database cut at submit and mid-job (503, retries)", [running, retried])
 
 
 def test_webhook_receiver_fails_then_recovers(stack: Stack) -> None:

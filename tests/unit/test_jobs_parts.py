@@ -70,6 +70,8 @@ def test_object_stores(tmp_path: Path, kind: str) -> None:
     store.put("job1/0", b"abcd")  # replaced whole
     store.put("job1/1", b"x")
     store.put("job2/0", b"y")
+    store.put_many([(f"job3/{i}", bytes([i])) for i in range(20)])
+    assert [store.get(f"job3/{i}") for i in range(20)] == [bytes([i]) for i in range(20)]
     assert store.get("job1/0") == b"abcd"
     store.delete_prefix("job1")
     with pytest.raises(FileNotFoundError):
