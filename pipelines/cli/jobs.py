@@ -25,7 +25,8 @@ Classes = Annotated[Optional[str], typer.Option(help="keep only these class ids,
 def worker(
     concurrency: Annotated[Optional[int], typer.Option(help="pool processes (default jobs.worker_concurrency, "
                                                        "else the machine's cores)")] = None,
-    queues: Annotated[Optional[str], typer.Option(help="comma-separated queues to consume (default jobs.queue)")] = None,
+    queues: Annotated[Optional[str], typer.Option(help="comma-separated queues to consume "
+                                                  "(default jobs.queue)")] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "INFO",
 ) -> None:
     """Run a pool of job workers (Celery) until stopped; start one per machine for more capacity.

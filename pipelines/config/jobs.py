@@ -26,7 +26,7 @@ class JobsConfig(Section):
     inline_results_max: int = Field(100, ge=0)  # GET /jobs/{id} embeds the results of jobs up to this size
     # Work: a job is processed in chunks, each one Celery task and one batched inference.
     queue: str = "detops-jobs"
-    chunk_size: int = Field(32, ge=1)
+    chunk_size: int = Field(64, ge=1)
     parallel_chunks: int = Field(4, ge=1)  # chunks of one job in flight at once (wake-ups published)
     chunk_time_limit_s: float = Field(300.0, gt=0)  # a chunk running longer is killed (its images retried)
     lease_slack_s: float = Field(30.0, gt=0)  # an image's lease lasts chunk_time_limit_s + this

@@ -42,7 +42,8 @@ from serving.jobs import queue, schemas
 from serving.jobs.objects import ObjectStore, open_object_store
 from serving.jobs.results import coco_results
 from serving.jobs.settings import JobsSettings, load_jobs_settings
-from serving.jobs.store import DEFAULT_OWNER, IdempotencyConflict, JobRecord, JobStore, NewImage, NewJob, StoreUnavailable
+from serving.jobs.store import (DEFAULT_OWNER, IdempotencyConflict, JobRecord, JobStore, NewImage, NewJob,
+                                StoreUnavailable)
 from serving.jobs.webhooks import CallbackRefused, check_callback_url
 from serving.schemas import ErrorBody, error_response
 
@@ -98,7 +99,8 @@ SUBMIT_BODY = {"requestBody": {"required": True, "content": {
         "callback_url": {"type": "string"}}}},
 }}}
 ERRORS = {status: {"model": ErrorBody, "description": what} for status, what in {
-    400: "bad request (the detail names the field)", 404: "no such job", 409: "Idempotency-Key reused with another body",
+    400: "bad request (the detail names the field)", 404: "no such job",
+    409: "Idempotency-Key reused with another body",
     410: "the job was deleted", 413: "over a limit (the detail names it)", 422: "a value refused (the detail says why)",
     503: "the job store is unavailable: retry after Retry-After seconds"}.items()}
 
@@ -124,9 +126,9 @@ def backend() -> Backend:
     with _backend_lock:
         if _backend is None:
             settings = load_jobs_settings()
-            _backend = Backend(settings=settings, store=JobStore(settings.database_url,
-                                                                  connect_timeout_s=settings.config.db_connect_timeout_s),
-                               objects=open_object_store(settings.object_store_url), celery=queue.make_app(settings))
+            store = JobStore(settings.database_url, connect_timeout_s=settings.config.db_connect_timeout_s)
+            _backend = Backend(settings=settings, store=store, objects=open_object_store(settings.object_store_url),
+                               celery=queue.make_app(settings))
         if not _backend.schema_ready:
             _backend.store.create_schema()  # StoreUnavailable -> 503, and the next request tries again
             _backend.schema_ready = True
@@ -153,8 +155,11 @@ async def _invalid(_request: Request, exc: RequestValidationError) -> JSONRespon
 
 
 def _problems(errors: Any) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()) if p not in ('body', 'query', 'header')) or 'request'}:"
-                     f" {e.get('msg', 'invalid')}" for e in errors)
+    """Pydantic's errors as `field: message; ...`."""
+    def where(e: Any) -> str:
+        return ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "header")) or "request"
+
+    return "; ".join(f"{where(e)}: {e.get('msg', 'invalid')}" for e in errors)
 
 
 # --------------------------------------------------------------------------- submission
@@ -178,8 +183,9 @@ async def submit_job(request: Request, idempotency_key: str | None = Header(
     elif content_type.startswith("application/json"):
         submission = await _read_json(limited, cfg)
     else:
-        raise RequestRejected("invalid_parameter", f"expected multipart/form-data (field images) or application/json "
-                              f"({{\"images\": [{{\"name\", \"data\"}}]}}), got {content_type or 'no content type'!r}", 400)
+        raise RequestRejected("invalid_parameter", "expected multipart/form-data (field images) or application/json "
+                              f"({{\"images\": [{{\"name\", \"data\"}}]}}), got {content_type or 'no content type'!r}",
+                              400)
     _check_limits(submission, cfg)
     if submission.options.callback_url is not None:
         await run_in_threadpool(_check_callback, submission.options.callback_url, backend().settings)
@@ -230,7 +236,8 @@ async def _read_multipart(request: Request, cfg: JobsConfig) -> Submission:
     try:
         unknown = sorted(set(form) - set(FORM_FIELDS))
         if unknown:
-            raise RequestRejected("invalid_parameter", f"unknown fields {unknown} (expected: {', '.join(FORM_FIELDS)})", 400)
+            raise RequestRejected("invalid_parameter",
+                                  f"unknown fields {unknown} (expected: {', '.join(FORM_FIELDS)})", 400)
         files = form.getlist("images")
         if any(not isinstance(f, UploadFile) for f in files):
             raise RequestRejected("invalid_parameter", "images: expected uploaded files, got a text value", 400)

@@ -111,7 +111,8 @@ def _detect_files(root: str, rels: list[str], options: dict[str, Any], max_bytes
             payloads.append((Path(root) / rel).read_bytes())
             indices.append(i)
         except OSError as exc:
-            records[i] = result_line({"path": rel}, IMAGE_FAILED, None, "unreadable_file", f"cannot read the file ({exc})")
+            records[i] = result_line({"path": rel}, IMAGE_FAILED, None, "unreadable_file",
+                                     f"cannot read the file ({exc})")
     for r in detect_encoded(_runtime, payloads, indices, _runtime.resolve(**options), _model_info, max_bytes=max_bytes,
                             max_pixels=max_pixels):
         records[r.index] = result_line({"path": rels[r.index]}, r.status, r.body, r.error, r.detail)
@@ -219,7 +220,8 @@ def submit_folder(folder: Path, url: str, options: dict[str, Any], *, out: Path 
                 if finished:
                     break
                 if time.monotonic() > deadline:
-                    raise DetopsError(f"job {job_id} not finished after {timeout_s:.0f} s (status {summary['status']}); "
+                    raise DetopsError(f"job {job_id} not finished after {timeout_s:.0f} s "
+                                      f"(status {summary['status']}); "
                                       f"see {base}/jobs/{job_id}")
                 time.sleep(poll_s)
         finally:

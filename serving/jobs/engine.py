@@ -37,8 +37,8 @@ def detect_encoded(runtime: ModelRuntime, payloads: Sequence[bytes], indices: Se
             except Exception as exc:
                 log.exception("image %d failed alone", index)
                 detections.append(None)
-                outcomes[index] = ImageResult(index, IMAGE_FAILED, error="inference_failed",
-                                              detail=f"the model could not process this image ({type(exc).__name__}: {exc})")
+                detail = f"the model could not process this image ({type(exc).__name__}: {exc})"
+                outcomes[index] = ImageResult(index, IMAGE_FAILED, error="inference_failed", detail=detail)
     for (index, decoded), dets in zip(good, detections):
         if dets is not None:
             body = detect_response(decoded.width, decoded.height, decoded.sha256, dets, runtime.class_names, model)

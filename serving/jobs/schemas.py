@@ -16,7 +16,8 @@ JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 class JobAccepted(BaseModel):
     job_id: str = Field(examples=["3f2b9c0e5d8a4c1b9e7f6a5d4c3b2a10"])
-    status_url: str = Field(description="poll this: GET /jobs/{job_id}", examples=["/jobs/3f2b9c0e5d8a4c1b9e7f6a5d4c3b2a10"])
+    status_url: str = Field(description="poll this: GET /jobs/{job_id}",
+                            examples=["/jobs/3f2b9c0e5d8a4c1b9e7f6a5d4c3b2a10"])
     results_url: str = Field(description="GET for JSON Lines, ?format=coco for COCO results")
 
 

@@ -33,7 +33,7 @@ environment.configure()
 
 from serving.jobs.engine import detect_encoded  # noqa: E402
 from serving.jobs.models import LiveModel, Runtimes  # noqa: E402
-from serving.jobs.objects import ObjectStore, open_object_store  # noqa: E402
+from serving.jobs.objects import ObjectStore, get_many, open_object_store  # noqa: E402
 from serving.jobs.queue import PROCESS_TASK, default_app, publish, purge_delivered  # noqa: E402
 from serving.jobs.results import IMAGE_FAILED, ImageResult  # noqa: E402
 from serving.jobs.settings import JobsSettings, load_jobs_settings  # noqa: E402
@@ -118,19 +118,15 @@ def run_chunk(ctx: _Process, job_id: str) -> str:
         except (RegistryError, InvalidParams) as exc:
             ctx.store.fail_job(job_id, f"{job.model_name} v{job.model_version}: {exc}")
             return "failed"
-        payloads, missing = [], []
-        for image in claim.images:
-            try:
-                payloads.append(ctx.objects.get(image.object_key))
-            except FileNotFoundError:
-                missing.append(image.index)
+        read = get_many(ctx.objects, [image.object_key for image in claim.images])
+        missing = [image.index for image, data in zip(claim.images, read) if data is None]
         if missing:
             current = ctx.store.get_job(job_id)
             if current is None or current.deleted_at is not None:
                 return "cancelled"
-        found = [im.index for im in claim.images if im.index not in missing]
-        results = detect_encoded(runtime, payloads, found, params, model_info, max_bytes=CFG.max_image_bytes,
-                                 max_pixels=ctx.max_pixels)
+        found = [image.index for image, data in zip(claim.images, read) if data is not None]
+        results = detect_encoded(runtime, [data for data in read if data is not None], found, params, model_info,
+                                 max_bytes=CFG.max_image_bytes, max_pixels=ctx.max_pixels)
         results += [ImageResult(i, IMAGE_FAILED, error="image_missing", detail="the image is no longer in the object "
                                 f"store ({ctx.objects.url})") for i in missing]
         if not ctx.store.record_results(job_id, ctx.worker_id, job.model_version, results):

@@ -8,10 +8,13 @@ same cores, the same model and the same 1,000 images (synthetic, like the pipeli
 (b) `detops batch run` (serving/jobs/batch.py `run_folder`, what the verb runs): timed from the call,
     so its pool start and model loading count, JSON Lines and COCO written;
 (c) a 1,000-image job through the queue: `POST /jobs` to a running `bentoml serve`, `detops worker`
-    with N processes x 1 thread, timed from the 202 to `succeeded` (and from the POST, upload
-    included), on the embedded default (SQLite job store, SQLite broker, local folder) and on the
-    production configuration (Redis + PostgreSQL, both started for the run).
+    with N processes x 1 thread, timed by the job itself (created, just before the 202, to finished,
+    from the store; plus the upload for "from POST"), on the embedded default (SQLite job store,
+    SQLite broker, local folder) and on the production configuration (Redis + PostgreSQL, both started
+    for the run).
 
+Each is measured `--rounds` times (raw engine and batch run interleaved; the raw engine once more
+after the queue runs) and the best counts, since a shared machine only ever slows a run down.
 Prints images/s and the ratios to the best raw engine; target: batch run >= 0.9 x raw. The targets
 do not set the exit code (a measurement on whatever machine runs it, often shared and noisy). Writes
 reports/bench/jobs.json.
@@ -27,6 +30,7 @@ import platform
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -76,46 +80,56 @@ def raw_engine(model_dir: Path, files: list[Path], processes: int, threads: int,
 
 def bench_batch_run(model_dir: Path, folder: Path, out: Path, processes: int) -> float:
     from serving.jobs.batch import ModelSource, image_files, run_folder
+    from serving.settings import load_jobs_config
 
     start = time.perf_counter()
-    new, _, failed = run_folder(folder, image_files(folder), out, ModelSource(model_dir, "bench", "local"), {}, processes=processes,
-                                chunk_size=32, max_bytes=1 << 30, max_pixels=1 << 30)
+    new, _, failed = run_folder(folder, image_files(folder), out, ModelSource(model_dir, "bench", "local"), {},
+                                processes=processes, chunk_size=load_jobs_config().chunk_size, max_bytes=1 << 30,
+                                max_pixels=1 << 30)
     elapsed = time.perf_counter() - start
     if failed:
         raise DetopsError(f"batch run: {failed} images failed")
     return new / elapsed
 
 
-def bench_queue(model_dir: Path, files: list[Path], workdir: Path, processes: int, urls: dict[str, str]) -> dict:
-    """One job of every file through a running service and `detops worker`: images/s from the 202
-    and from the POST."""
+def bench_queue(model_dir: Path, files: list[Path], workdir: Path, processes: int, urls: dict[str, str],
+                rounds: int) -> dict:
+    """`rounds` jobs of every file, one after the other, through a running service and `detops
+    worker`: the best images/s from the 202 (the job's own created-to-finished time, from the
+    store) and from the POST (upload included)."""
     from tests.jobs_services import start_worker
     from tests.serving_process import detector_service
 
     env = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "DETOPS_JOBS_DATA_DIR": str(workdir / "jobs"),
            "DETOPS_JOBS_MAX_IMAGES_PER_JOB": str(len(files)), "DETOPS_JOBS_WORKER_THREADS": "1", **urls}
+    runs = []
     with detector_service(model_dir, workdir, overrides=env) as server:
         store_url = urls.get("DETOPS_DATABASE_URL", f"sqlite:///{workdir / 'jobs' / 'jobs.db'}")
         worker = start_worker({**os.environ, **env}, workdir / "worker.log", concurrency=processes,
                               store_url=store_url)
         try:
             uploads = [("images", (f.name, f.read_bytes())) for f in files]
-            posted = time.perf_counter()
-            response = httpx.post(server.url + "/jobs", files=uploads, timeout=600)
-            accepted = time.perf_counter()
-            if response.status_code != 202:
-                raise DetopsError(f"POST /jobs: {response.status_code} {response.text[:300]}")
-            job_id = response.json()["job_id"]
-            while (status := httpx.get(f"{server.url}/jobs/{job_id}", timeout=60).json())["status"] in (
-                    "queued", "running"):
-                time.sleep(0.05)
-            done = time.perf_counter()
+            for _ in range(rounds):
+                posted = time.perf_counter()
+                response = httpx.post(server.url + "/jobs", files=uploads, timeout=600)
+                upload_s = time.perf_counter() - posted
+                if response.status_code != 202:
+                    raise DetopsError(f"POST /jobs: {response.status_code} {response.text[:300]}")
+                job_id = response.json()["job_id"]
+                # Polled as a client would (every 0.5 s: polling takes no CPU from the workers).
+                while (status := httpx.get(f"{server.url}/jobs/{job_id}", timeout=60).json())["status"] in (
+                        "queued", "running"):
+                    time.sleep(0.5)
+                if status["status"] != "succeeded" or status["counts"]["succeeded"] != len(files):
+                    raise DetopsError(f"job {job_id}: {status['status']} {status['counts']}")
+                run_s = (datetime.fromisoformat(status["finished_at"])
+                         - datetime.fromisoformat(status["created_at"])).total_seconds()
+                runs.append({"from_202_images_per_s": len(files) / run_s,
+                             "from_post_images_per_s": len(files) / (run_s + upload_s), "upload_s": upload_s})
         finally:
             worker.stop()
-    if status["status"] != "succeeded" or status["counts"]["succeeded"] != len(files):
-        raise DetopsError(f"job {job_id}: {status['status']} {status['counts']}")
-    return {"from_202_images_per_s": len(files) / (done - accepted),
-            "from_post_images_per_s": len(files) / (done - posted), "upload_s": accepted - posted}
+    best = max(runs, key=lambda r: r["from_202_images_per_s"])
+    return {**best, "runs": runs}
 
 
 def machine() -> dict:
@@ -137,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=Path("reports/bench/jobs.json"))
     parser.add_argument("--production", action="store_true", help="also Redis + PostgreSQL (started for the run)")
+    parser.add_argument("--rounds", type=int, default=3, help="repeats of each measurement (the best counts)")
     args = parser.parse_args(argv)
     from pipelines import environment
 
@@ -163,15 +178,20 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"  # the workers load @champion from here
         set_champion("detops-detector", register_model_dir(args.model_dir, "detops-detector"), reason="bench")
         layouts = {f"{cores} processes x 1 thread": (cores, 1), f"1 process x {cores} threads": (1, cores)}
-        raw = {name: raw_engine(args.model_dir, files, p, t, decode=True) for name, (p, t) in layouts.items()}
-        raw_pixels = {name: raw_engine(args.model_dir, files, p, t, decode=False) for name, (p, t) in layouts.items()}
-        print("raw:", raw, "without decode:", raw_pixels, flush=True)
-        best = max(raw.values())
-        report["raw_images_per_s"] = raw
-        report["raw_without_decode_images_per_s"] = raw_pixels
-        report["batch_run_images_per_s"] = bench_batch_run(args.model_dir, folder, work / "run.jsonl", cores)
-        print("batch run:", report["batch_run_images_per_s"], flush=True)
-        report["queue_embedded"] = bench_queue(args.model_dir, files, work / "embedded", cores, {})
+        raw: dict[str, list[float]] = {name: [] for name in layouts}
+        raw_pixels: dict[str, list[float]] = {name: [] for name in layouts}
+        batch_runs = []
+        for r in range(args.rounds):  # interleaved, best of each: a shared machine disturbs them alike
+            for name, (p, t) in layouts.items():
+                raw[name].append(raw_engine(args.model_dir, files, p, t, decode=True))
+                raw_pixels[name].append(raw_engine(args.model_dir, files, p, t, decode=False))
+            batch_runs.append(bench_batch_run(args.model_dir, folder, work / f"run{r}.jsonl", cores))
+            print(f"round {r}: raw {raw}, batch run {batch_runs}", flush=True)
+        report["raw_images_per_s"] = {name: max(v) for name, v in raw.items()}
+        report["raw_without_decode_images_per_s"] = {name: max(v) for name, v in raw_pixels.items()}
+        report["batch_run_images_per_s"] = max(batch_runs)
+        report["all_rounds"] = {"raw": raw, "raw_without_decode": raw_pixels, "batch_run": batch_runs}
+        report["queue_embedded"] = bench_queue(args.model_dir, files, work / "embedded", cores, {}, args.rounds)
         print("queue, embedded:", report["queue_embedded"], flush=True)
         if args.production:
             from tests.jobs_services import postgres_database, redis_server
@@ -180,22 +200,27 @@ def main(argv: list[str] | None = None) -> int:
                 report["queue_redis_postgresql"] = bench_queue(
                     args.model_dir, files, work / "production", cores,
                     {"DETOPS_DATABASE_URL": db, "DETOPS_BROKER_URL": redis.url,
-                     "DETOPS_OBJECT_STORE_URL": str(work / "production-objects")})
+                     "DETOPS_OBJECT_STORE_URL": str(work / "production-objects")}, args.rounds)
+        for name, (p, t) in layouts.items():  # once more after the queue runs
+            raw[name].append(raw_engine(args.model_dir, files, p, t, decode=True))
+        report["raw_images_per_s"] = {name: max(v) for name, v in raw.items()}
+    best = max(report["raw_images_per_s"].values())
     ratios = {"batch_run / raw": report["batch_run_images_per_s"] / best,
               "queue (embedded, from 202) / raw": report["queue_embedded"]["from_202_images_per_s"] / best,
               "queue (embedded, from POST) / raw": report["queue_embedded"]["from_post_images_per_s"] / best}
     if args.production:
-        ratios["queue (Redis+PostgreSQL, from 202) / raw"] = report["queue_redis_postgresql"]["from_202_images_per_s"] / best
-        ratios["queue (Redis+PostgreSQL, from POST) / raw"] = (report["queue_redis_postgresql"]["from_post_images_per_s"]
-                                                              / best)
+        production = report["queue_redis_postgresql"]
+        ratios["queue (Redis+PostgreSQL, from 202) / raw"] = production["from_202_images_per_s"] / best
+        ratios["queue (Redis+PostgreSQL, from POST) / raw"] = production["from_post_images_per_s"] / best
     report["ratios"] = ratios
     report["machine"]["load_avg_at_end"] = os.getloadavg()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report["machine"]))
     print(f"model imgsz {card.imgsz}, {args.images} images")
-    for name, value in {**{f"raw, {k}": v for k, v in raw.items()},
-                        **{f"raw without decode, {k}": v for k, v in raw_pixels.items()}}.items():
+    for name, value in {**{f"raw, {k}": v for k, v in report["raw_images_per_s"].items()},
+                        **{f"raw without decode, {k}": v for k, v in report["raw_without_decode_images_per_s"].items()}
+                        }.items():
         print(f"{name:48s} {value:8.1f} images/s")
     print(f"{'batch run':48s} {report['batch_run_images_per_s']:8.1f} images/s")
     for key in ("queue_embedded", "queue_redis_postgresql"):

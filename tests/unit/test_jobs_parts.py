@@ -14,7 +14,7 @@ from pipelines.config.jobs import JobsConfig
 from pipelines.errors import DetopsError
 from serving.jobs import webhooks
 from serving.jobs.batch import image_files, read_done, submission_key
-from serving.jobs.objects import FsspecObjectStore, LocalObjectStore, open_object_store
+from serving.jobs.objects import FsspecObjectStore, LocalObjectStore, get_many, open_object_store
 from serving.jobs.results import coco_results, result_line
 from serving.jobs.settings import load_jobs_settings
 
@@ -71,7 +71,7 @@ def test_object_stores(tmp_path: Path, kind: str) -> None:
     store.put("job1/1", b"x")
     store.put("job2/0", b"y")
     store.put_many([(f"job3/{i}", bytes([i])) for i in range(20)])
-    assert [store.get(f"job3/{i}") for i in range(20)] == [bytes([i]) for i in range(20)]
+    assert get_many(store, [f"job3/{i}" for i in range(20)] + ["job3/none"]) == [bytes([i]) for i in range(20)] + [None]
     assert store.get("job1/0") == b"abcd"
     store.delete_prefix("job1")
     with pytest.raises(FileNotFoundError):
