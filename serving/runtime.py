@@ -104,6 +104,30 @@ class ModelCard(BaseModel):
         """Write the card as indented JSON."""
         Path(path).write_text(self.model_dump_json(indent=2) + "\n")
 
+    def resolve(self, conf: float | None = None, iou: float | None = None, max_det: int | None = None,
+                classes: Sequence[int] | None = None) -> PredictParams:
+        """The effective thresholds: each None replaced by the card's default, each value checked;
+        InvalidParams names the first bad one. (The card alone decides: a caller can check a
+        request's parameters without loading the model.)"""
+        t = self.thresholds
+        conf = t.conf if conf is None else conf
+        iou = t.iou if iou is None else iou
+        max_det = t.max_det if max_det is None else max_det
+        if not 0 <= conf <= 1:
+            raise InvalidParams("conf", f"must be in [0, 1] (got {conf})")
+        if not 0 < iou <= 1:
+            raise InvalidParams("iou", f"must be in (0, 1] (got {iou})")
+        if max_det < 1:
+            raise InvalidParams("max_det", f"must be >= 1 (got {max_det})")
+        if classes is not None:
+            names = self.classes
+            bad = sorted({c for c in classes if not 0 <= c < len(names)})
+            if bad:
+                raise InvalidParams("classes", f"unknown class ids {bad} (the model has {len(names)}: "
+                                    f"{', '.join(names)})")
+            classes = tuple(sorted(set(classes)))
+        return PredictParams(float(conf), float(iou), int(max_det), classes)
+
 
 class InvalidParams(DetopsError):
     """A detection parameter out of range, or a class id the model does not have; `field` names it."""
@@ -264,26 +288,8 @@ class ModelRuntime:
     # ------------------------------------------------------------------ steps
     def resolve(self, conf: float | None = None, iou: float | None = None, max_det: int | None = None,
                 classes: Sequence[int] | None = None) -> PredictParams:
-        """The effective thresholds: each None replaced by the card's default, each value checked;
-        InvalidParams names the first bad one."""
-        t = self.card.thresholds
-        conf = t.conf if conf is None else conf
-        iou = t.iou if iou is None else iou
-        max_det = t.max_det if max_det is None else max_det
-        if not 0 <= conf <= 1:
-            raise InvalidParams("conf", f"must be in [0, 1] (got {conf})")
-        if not 0 < iou <= 1:
-            raise InvalidParams("iou", f"must be in (0, 1] (got {iou})")
-        if max_det < 1:
-            raise InvalidParams("max_det", f"must be >= 1 (got {max_det})")
-        if classes is not None:
-            names = self.card.classes
-            bad = sorted({c for c in classes if not 0 <= c < len(names)})
-            if bad:
-                raise InvalidParams("classes", f"unknown class ids {bad} (the model has {len(names)}: "
-                                    f"{', '.join(names)})")
-            classes = tuple(sorted(set(classes)))
-        return PredictParams(float(conf), float(iou), int(max_det), classes)
+        """The effective thresholds (`ModelCard.resolve`)."""
+        return self.card.resolve(conf, iou, max_det, classes)
 
     def letterbox(self, images: Sequence[np.ndarray]) -> tuple[np.ndarray, list[LetterboxMeta]]:
         """RGB uint8 HxWx3 images of any sizes -> their letterboxed (N, imgsz, imgsz, 3) uint8 stack,

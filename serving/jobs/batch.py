@@ -19,12 +19,14 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipelines.errors import DetopsError
 from serving.jobs.results import IMAGE_FAILED, coco_results, result_line
+from serving.runtime import CARD_FILE, ModelCard
 
 SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo")
 
@@ -87,22 +89,31 @@ class ModelSource:
 
 _runtime: Any = None
 _model_info: Any = None
+_load_error: DetopsError | None = None  # a pool process whose model did not load says why on its first chunk
 
 
 def _init_process(model_dir: str, name: str, version: str, threads: int) -> None:
-    global _runtime, _model_info
+    """Load the model into this process (the pool's initializer, or this process with one process)."""
+    global _runtime, _model_info, _load_error
     from pipelines import environment
     from serving.runtime import ModelRuntime
     from serving.schemas import ModelInfo
 
     environment.configure()
-    _runtime = ModelRuntime.load(Path(model_dir), threads=threads)
+    try:
+        _runtime = ModelRuntime.load(Path(model_dir), threads=threads)
+    except DetopsError as exc:
+        _load_error = exc
+        return
     _model_info = ModelInfo(name=name, version=version, alias=None)
 
 
 def _detect_files(root: str, rels: list[str], options: dict[str, Any], max_bytes: int,
                   max_pixels: int) -> list[dict[str, Any]]:
     from serving.jobs.engine import detect_encoded
+
+    if _load_error is not None:
+        raise _load_error
 
     records: dict[int, dict[str, Any]] = {}
     payloads, indices = [], []
@@ -123,14 +134,17 @@ def run_folder(folder: Path, files: Sequence[Path], out: Path, source: ModelSour
                processes: int, chunk_size: int, max_bytes: int, max_pixels: int,
                progress: Callable[[int, int], None] | None = None) -> tuple[int, int, int]:
     """Detect every file of `files` (`image_files(folder)`) not yet in `out`; (images done now,
-    already done before, failed now). Calls `progress(advance, total)` as chunks complete."""
+    already done before, failed now). Calls `progress(advance, total)` as chunks complete (the
+    files already done count with the first)."""
     done = read_done(out)
     rels = [f.relative_to(folder).as_posix() for f in files]
     todo = [r for r in rels if r not in done]
-    _init_process(str(source.model_dir), source.name, source.version, 1)  # fail early on a bad model or options
-    _runtime.resolve(**options)
-    if progress:
-        progress(len(rels) - len(todo), len(rels))
+    if processes <= 1:  # this process runs the model
+        _init_process(str(source.model_dir), source.name, source.version, 1)
+        if _load_error is not None:
+            raise _load_error
+    ModelCard.load(source.model_dir / CARD_FILE).resolve(**options)  # bad options fail before any work
+    already = len(rels) - len(todo)  # shown with the first chunk: a model that cannot start leaves no bar
     chunks = [todo[i:i + chunk_size] for i in range(0, len(todo), chunk_size)]
     failed = 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -140,8 +154,11 @@ def run_folder(folder: Path, files: Sequence[Path], out: Path, source: ModelSour
             sink.flush()
             failed += sum(line["status"] != "succeeded" for line in lines)
             if progress:
-                progress(len(lines), len(rels))
+                progress(len(lines) + already, len(rels))
+                already = 0
         os.fsync(sink.fileno())
+    if progress and already:
+        progress(already, len(rels))
     write_coco(out, files, folder)
     return len(todo), len(rels) - len(todo), failed
 
@@ -154,20 +171,23 @@ def _map_chunks(chunks: list[list[str]], root: str, options: dict[str, Any], pro
         for chunk in chunks:
             yield _detect_files(root, chunk, options, max_bytes, max_pixels)
         return
-    with ProcessPoolExecutor(processes, initializer=_init_process,
-                             initargs=(str(source.model_dir), source.name, source.version, 1)) as pool:
-        pending: set[Future] = set()
-        queued = iter(chunks)
-        while True:
-            for chunk in queued:
-                pending.add(pool.submit(_detect_files, root, chunk, options, max_bytes, max_pixels))
-                if len(pending) >= 2 * processes:
-                    break
-            if not pending:
-                return
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                yield future.result()
+    try:
+        with ProcessPoolExecutor(processes, initializer=_init_process,
+                                 initargs=(str(source.model_dir), source.name, source.version, 1)) as pool:
+            pending: set[Future] = set()
+            queued = iter(chunks)
+            while True:
+                for chunk in queued:
+                    pending.add(pool.submit(_detect_files, root, chunk, options, max_bytes, max_pixels))
+                    if len(pending) >= 2 * processes:
+                        break
+                if not pending:
+                    return
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    yield future.result()
+    except BrokenProcessPool:
+        raise DetopsError(f"{source.model_dir}: a model process died (out of memory?); try fewer --processes") from None
 
 
 # --------------------------------------------------------------------------- submit (through POST /jobs)
