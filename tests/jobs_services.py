@@ -248,6 +248,7 @@ def register_model_dir(model_dir: Path, name: str) -> str:
 
     from evaluation.pyfunc_model import DetectorPyfunc
     from pipelines.registry import MODEL_DIR_ARTIFACT, PYFUNC_NAME
+    from pipelines.tracking import ensure_experiment
     from serving.runtime import CALIBRATOR_FILE, CARD_FILE, MODEL_FILE
 
     with tempfile.TemporaryDirectory(prefix="detops-register-") as tmp:
@@ -256,7 +257,7 @@ def register_model_dir(model_dir: Path, name: str) -> str:
         for file in (MODEL_FILE, CARD_FILE, CALIBRATOR_FILE):
             if (model_dir / file).is_file():
                 shutil.copy2(model_dir / file, staged / file)
-        mlflow.set_experiment("tests-jobs")
+        ensure_experiment("tests-jobs")  # artifacts beside the store, never in a ./mlruns of the checkout
         with mlflow.start_run():
             info = mlflow.pyfunc.log_model(name=PYFUNC_NAME, python_model=DetectorPyfunc(),
                                            artifacts={MODEL_DIR_ARTIFACT: str(staged)}, pip_requirements=[],
