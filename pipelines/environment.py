@@ -40,6 +40,8 @@ _OFFLINE_SWITCHES = {
     "GX_ANALYTICS_ENABLED": "false",
     "HF_HUB_OFFLINE": "1",
     "NO_ALBUMENTATIONS_UPDATE": "1",
+    # Downloads from the registry print no progress bar into the CLI's one-line answers.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # MLflow logs git info itself; it must not fail or warn when git is missing.
     "GIT_PYTHON_REFRESH": "quiet",
 }
