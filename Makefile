@@ -17,6 +17,8 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PY) -m pip install --quiet --upgrade "pip>=24"
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	@command -v nginx >/dev/null 2>&1 || test -x /usr/sbin/nginx || \
+		echo "note: nginx is not installed; detops deploy needs it: sudo apt-get install -y nginx"
 	@touch $@
 
 # Re-resolve the direct dependencies of pyproject.toml into a fresh venv and pin the result.

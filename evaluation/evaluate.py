@@ -32,7 +32,7 @@ from monitoring.reference import build_reference, save_reference
 from pipelines.config.model import EvaluateConfig
 from pipelines.errors import DetopsError
 from pipelines.images import read_rgb
-from pipelines.registry import EVALUATION_ARTIFACTS, REFERENCE_FILE
+from pipelines.registry import EVALUATION_ARTIFACTS, REFERENCE_FILE, SMOKE_DIR, SMOKE_FILE
 from pipelines.types import Detection, YoloDataset
 
 CONFUSION_IOU = 0.5
@@ -159,9 +159,34 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     _write_confusion(matrix, [*dataset.class_names, "background"], out, runtime.card.thresholds.conf)
     # What production traffic is compared with: the test split seen by the served (calibrated) model.
     save_reference(build_reference(cfg.model_dir, cfg.dataset, "test"), out / REFERENCE_FILE)
+    write_smoke_sample(ModelRuntime.load(cfg.model_dir), dataset.images("test"), cfg.smoke_images, out / SMOKE_DIR)
     metrics["mlflow_run_id"] = _log_to_mlflow(runtime.card.run_id, metrics, out,
                                               Path(cfg.model_dir) / CALIBRATOR_FILE, cfg.experiment)
     return metrics
+
+
+def write_smoke_sample(runtime: Any, paths: list[Path], n: int, out: Path) -> Path:
+    """A deployment's reference of what this model serves: `n` test images (evenly spaced by name) as
+    files, and the calibrated detections the served runtime gives them at the card's thresholds (the
+    service's defaults), in `out/smoke.json`. A rollout sends the same bytes with the same thresholds
+    to the new colour and expects the same detections."""
+    import shutil
+
+    chosen = sorted(paths, key=lambda p: p.name)
+    chosen = [chosen[round(i * (len(chosen) - 1) / max(n - 1, 1))] for i in range(min(n, len(chosen)))]
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "images").mkdir(parents=True)
+    t = runtime.card.thresholds
+    records = []
+    for path in dict.fromkeys(chosen):  # a small split may repeat an index
+        shutil.copy2(path, out / "images" / path.name)
+        detections = runtime.predict([read_rgb(path)], conf=t.conf, iou=t.iou, max_det=t.max_det)[0]
+        records.append({"file": f"images/{path.name}", "detections": [
+            {"class_id": d.class_id, "box": [d.box.x1, d.box.y1, d.box.x2, d.box.y2], "confidence": d.confidence}
+            for d in detections]})
+    (out / SMOKE_FILE).write_text(json.dumps({"thresholds": t.model_dump(), "images": records}, indent=1) + "\n")
+    return out
 
 
 def _recalibrate(calibrator: Any, detections: list[Detection], width: int, height: int) -> list[Detection]:

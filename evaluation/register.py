@@ -126,7 +126,7 @@ def _log_and_register(cfg: RegisterConfig, card: Any, run_id: str) -> str:
     from evaluation.pyfunc_model import DetectorPyfunc, signature
     from pipelines.environment import PROJECT_ROOT
     from pipelines.imports import project_files
-    from pipelines.registry import MODEL_DIR_ARTIFACT, PYFUNC_NAME
+    from pipelines.registry import MODEL_DIR_ARTIFACT, PYFUNC_NAME, SMOKE_DIR, SMOKE_FILE
     from pipelines.tracking import resume_run
     from pipelines.types import YoloDataset
     from serving.runtime import CALIBRATOR_FILE, CARD_FILE, MODEL_FILE
@@ -134,6 +134,9 @@ def _log_and_register(cfg: RegisterConfig, card: Any, run_id: str) -> str:
     calibrator = cfg.model_dir / CALIBRATOR_FILE
     if not calibrator.is_file():
         raise DetopsError(f"{calibrator}: not found (run `detops evaluate`, which fits it)")
+    smoke = cfg.evaluation / SMOKE_DIR
+    if not (smoke / SMOKE_FILE).is_file():
+        raise DetopsError(f"{smoke / SMOKE_FILE}: not found (run `detops evaluate`, which writes it)")
     examples = YoloDataset.load(cfg.dataset).images("test")
     if not examples:
         raise DetopsError(f"{cfg.dataset}: no test images (needed for the input example)")
@@ -149,7 +152,8 @@ def _log_and_register(cfg: RegisterConfig, card: Any, run_id: str) -> str:
             shutil.copy2(PROJECT_ROOT / rel, code / rel)
         with resume_run(run_id):
             info = mlflow.pyfunc.log_model(
-                name=PYFUNC_NAME, python_model=DetectorPyfunc(), artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
+                name=PYFUNC_NAME, python_model=DetectorPyfunc(),
+                artifacts={MODEL_DIR_ARTIFACT: str(model_dir), SMOKE_DIR: str(smoke)},
                 code_paths=[str(p) for p in sorted(code.iterdir())], signature=signature(card),
                 input_example=pd.DataFrame({"image": [examples[0].read_bytes()]}),
                 pip_requirements=_pinned_requirements(), registered_model_name=cfg.model_name)

@@ -28,7 +28,11 @@ DB_FILE = "predictions.db"
 IMAGE_DIR = "images"
 EMBEDDING_PREFIX = "emb_"
 BASE_COLUMNS = ["ts", "request_id", "image_sha256", "width", "height", "model_name", "model_version",
-                "detections", "image_path"]
+                "detections", "image_path", "traffic"]
+# Which traffic a record answered: `live` (what clients got), or, during a rollout's verification, the
+# new colour's `smoke` check, `shadow` (mirrored live traffic, answer discarded) and `canary` (a share of
+# live traffic). Drift and push read live records only.
+TRAFFIC = ("live", "shadow", "canary", "smoke")
 
 
 @dataclass
@@ -48,6 +52,7 @@ class PredictionRecord:
     model_version: str
     detections: str = "[]"
     image_path: str | None = None
+    traffic: str = "live"  # one of TRAFFIC
     extra: dict[str, float] = field(default_factory=dict)  # room for features added later
 
 
@@ -58,9 +63,11 @@ class PredictionStore(Protocol):
     def append(self, records: list[PredictionRecord]) -> None:
         """Add records (one transaction)."""
 
-    def read(self, since: datetime | None = None, last_n: int | None = None) -> pd.DataFrame:
+    def read(self, since: datetime | None = None, last_n: int | None = None, *, traffic: str | None = "live",
+             model_version: str | None = None) -> pd.DataFrame:
         """Records with ts >= since, the last `last_n` of them, oldest first, flattened: base columns,
-        one column per statistic and summary key, `emb_<i>` per embedding dimension."""
+        one column per statistic and summary key, `emb_<i>` per embedding dimension. Only `traffic`
+        records (default `live`: what clients were answered; None: all) of `model_version` (None: any)."""
 
     def purge_older_than(self, age: timedelta) -> int:
         """Delete records (and their kept images) older than `age`; return the number of records."""
@@ -92,7 +99,10 @@ class SQLiteStore:
                     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, request_id TEXT,
                     image_sha256 TEXT NOT NULL, width INTEGER, height INTEGER, model_name TEXT,
                     model_version TEXT, features TEXT NOT NULL, embedding BLOB NOT NULL,
-                    detections TEXT NOT NULL, image_path TEXT)""")
+                    detections TEXT NOT NULL, image_path TEXT, traffic TEXT NOT NULL DEFAULT 'live')""")
+                columns = {row[1] for row in con.execute("PRAGMA table_info(predictions)")}
+                if "traffic" not in columns:  # a store written before traffic was recorded: all live
+                    con.execute("ALTER TABLE predictions ADD COLUMN traffic TEXT NOT NULL DEFAULT 'live'")
                 con.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
                 con.execute("CREATE INDEX IF NOT EXISTS predictions_sha ON predictions (image_sha256)")
         except (OSError, sqlite3.Error) as exc:
@@ -113,26 +123,35 @@ class SQLiteStore:
         """Add records in one transaction."""
         if not records:
             return
+        bad = {r.traffic for r in records} - set(TRAFFIC)
+        if bad:
+            raise ValueError(f"unknown traffic {sorted(bad)} (expected one of {TRAFFIC})")
         rows = [(_utc(r.ts).timestamp(), r.request_id, r.image_sha256, int(r.width), int(r.height),
                  r.model_name, r.model_version, json.dumps({**r.statistics, **r.summary, **r.extra}),
-                 np.asarray(r.embedding, dtype=np.float32).tobytes(), r.detections, r.image_path)
+                 np.asarray(r.embedding, dtype=np.float32).tobytes(), r.detections, r.image_path, r.traffic)
                 for r in records]
         con = self._connect()
         with con:
             con.execute("BEGIN IMMEDIATE")
             con.executemany("""INSERT INTO predictions (ts, request_id, image_sha256, width, height,
-                model_name, model_version, features, embedding, detections, image_path)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", rows)
+                model_name, model_version, features, embedding, detections, image_path, traffic)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", rows)
 
-    def read(self, since: datetime | None = None, last_n: int | None = None) -> pd.DataFrame:
+    def read(self, since: datetime | None = None, last_n: int | None = None, *, traffic: str | None = "live",
+             model_version: str | None = None) -> pd.DataFrame:
         """See `PredictionStore.read`."""
         if last_n is not None and last_n < 1:
             raise DetopsError(f"last_n must be >= 1 (got {last_n})")
         query, args = "SELECT ts, request_id, image_sha256, width, height, model_name, model_version, " \
-                      "detections, image_path, features, embedding FROM predictions", []
-        if since is not None:
-            query += " WHERE ts >= ?"
-            args.append(_utc(since).timestamp())
+                      "detections, image_path, traffic, features, embedding FROM predictions", []
+        where = []
+        for condition, value in (("ts >= ?", None if since is None else _utc(since).timestamp()),
+                                 ("traffic = ?", traffic), ("model_version = ?", model_version)):
+            if value is not None:
+                where.append(condition)
+                args.append(value)
+        if where:
+            query += " WHERE " + " AND ".join(where)
         query += " ORDER BY ts DESC, id DESC"
         if last_n is not None:
             query += " LIMIT ?"
@@ -141,8 +160,8 @@ class SQLiteStore:
         return records_frame([
             PredictionRecord(ts=datetime.fromtimestamp(r[0], timezone.utc), request_id=r[1], image_sha256=r[2],
                              width=r[3], height=r[4], model_name=r[5], model_version=r[6], detections=r[7],
-                             image_path=r[8], statistics=json.loads(r[9]), summary={},
-                             embedding=np.frombuffer(r[10], dtype=np.float32))
+                             image_path=r[8], traffic=r[9], statistics=json.loads(r[10]), summary={},
+                             embedding=np.frombuffer(r[11], dtype=np.float32))
             for r in rows])
 
     def purge_older_than(self, age: timedelta) -> int:

@@ -40,7 +40,7 @@ _OFFLINE_SWITCHES = {
     "GX_ANALYTICS_ENABLED": "false",
     "HF_HUB_OFFLINE": "1",
     "NO_ALBUMENTATIONS_UPDATE": "1",
-    # No progress bars of artifact downloads in logs (job workers download model versions).
+    # Downloads from the registry print no progress bar into the CLI's one-line answers.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # MLflow logs git info itself; it must not fail or warn when git is missing.
     "GIT_PYTHON_REFRESH": "quiet",

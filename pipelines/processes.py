@@ -1,9 +1,12 @@
-"""Server processes: start one in its own process group, wait until its health URL answers, stop the
-whole group by PID. The one supervisor for every server the project starts (the blue/green colours and
-nginx of `detops deploy`, Label Studio, MLflow, the test suite's services).
+"""Server processes: start one in its own process group, wait until its health URL answers, stop it
+and everything it started by PID. The one supervisor for every server the project starts (the
+blue/green colours and nginx of `detops deploy`, Label Studio, MLflow, the test suite's services).
 
 A server started here outlives the Python process that started it when the caller lets it (deploy
-keeps PIDs in its state file); `stop` works from any process that knows the PID.
+keeps PIDs in its state file); `stop` works from any process that knows the PID. Some servers put their
+workers in sessions of their own (BentoML's do), out of reach of a signal to the group and orphaned
+when their parent dies: `descendants` records them (PID and start time, so a reused PID is never hit)
+and `stop` ends them too.
 """
 
 from __future__ import annotations
@@ -94,14 +97,47 @@ def wait_ready(url: str, *, pid: int, log: Path, timeout_s: float,
     raise DetopsError(f"{url} did not answer within {timeout_s:.0f} s:\n{log_tail(log)}")
 
 
-def stop(pid: int, *, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> None:
-    """Stop process group `pid` (the server and any workers it forked): `sig`, then SIGKILL after
-    `timeout_s`. A process already gone is fine."""
+Handle = tuple[int, float]  # a process: (PID, start time) - a PID alone may be reused by another process
+
+
+def descendants(pid: int) -> list[Handle]:
+    """Every process `pid` started, directly or not, whatever its process group or session."""
+    import psutil
+
+    try:
+        return [(child.pid, child.create_time()) for child in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def handle(pid: int) -> Handle:
+    """The (PID, start time) of a running process, to recognise it later."""
+    import psutil
+
+    return pid, psutil.Process(pid).create_time()
+
+
+def same_process(process: Handle) -> bool:
+    """Whether the process `handle` named still runs (not another one that got its PID since)."""
+    import psutil
+
+    try:
+        return abs(psutil.Process(process[0]).create_time() - process[1]) < 1e-3
+    except psutil.Error:
+        return False
+
+
+def stop(pid: int, *, timeout_s: float = 20.0, sig: int = signal.SIGTERM, also: Sequence[Handle] = ()) -> None:
+    """Stop process group `pid` with `sig` (the server shuts its workers down gracefully), then SIGKILL
+    after `timeout_s` what is left of it, of its descendants and of the processes `also` names (e.g.
+    workers recorded when it started, orphaned if it died). A process already gone is fine."""
+    import psutil
+
+    leftovers = {*descendants(pid), *also}
     try:
         os.killpg(pid, sig)
     except ProcessLookupError:
         alive(pid)  # reap it if it was our child
-        return
     deadline = time.monotonic() + timeout_s
     while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -109,10 +145,25 @@ def stop(pid: int, *, timeout_s: float = 20.0, sig: int = signal.SIGTERM) -> Non
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
-            return
-        deadline = time.monotonic() + 10
-        while alive(pid) and time.monotonic() < deadline:
+            pass
+        kill_deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < kill_deadline:
             time.sleep(0.1)
+    survivors = []
+    for process in leftovers:
+        try:
+            if same_process(process):
+                survivors.append(psutil.Process(process[0]))
+        except psutil.Error:
+            continue
+    if survivors:
+        _, still = psutil.wait_procs(survivors, timeout=max(deadline - time.monotonic(), 1.0))
+        for child in still:
+            try:
+                child.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(still, timeout=10)
 
 
 @contextmanager

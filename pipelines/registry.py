@@ -23,6 +23,11 @@ MODEL_DIR_ARTIFACT = "model_dir"  # the pyfunc artifact: model.onnx, model_card.
 EVALUATION_ARTIFACTS = "evaluation"  # evaluate's report folder, logged on the training run
 REFERENCE_FILE = "reference.parquet"  # the drift reference profile, in evaluate's report folder
 REFERENCE_ARTIFACT = f"{EVALUATION_ARTIFACTS}/{REFERENCE_FILE}"
+# The deploy-time smoke reference: sample test images and the detections evaluation recorded for them.
+# evaluate writes it to its report folder; register ships it inside the version (a pyfunc artifact), so
+# each version carries its own, whatever else its training run holds.
+SMOKE_DIR = "smoke"
+SMOKE_FILE = "smoke.json"
 PREVIOUS_TAG = "previous_champion"  # on a champion: the version it replaced (what rollback returns to)
 
 
@@ -76,14 +81,26 @@ def resolve(name: str, alias: str | None = None, version: str | None = None, mlf
 def download_model_dir(name: str, version: str, dest: Path) -> Path:
     """Download version `version` of `name` under `dest` and return its model folder (the one
     `serving.runtime.ModelRuntime.load` opens)."""
-    import mlflow
-
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dest)))
-    model_dir = local / "artifacts" / MODEL_DIR_ARTIFACT
+    model_dir = _download_version(name, version, dest) / MODEL_DIR_ARTIFACT
     if not (model_dir / "model.onnx").is_file():
         raise RegistryError(f"models:/{name}/{version}: not a detops model "
                             f"(no artifacts/{MODEL_DIR_ARTIFACT}/model.onnx)")
     return model_dir
+
+
+def download_smoke_reference(name: str, version: str, dest: Path) -> Path:
+    """Download version `version` of `name` under `dest` and return its smoke reference folder."""
+    smoke = _download_version(name, version, dest) / SMOKE_DIR
+    if not (smoke / SMOKE_FILE).is_file():
+        raise RegistryError(f"models:/{name}/{version}: no smoke reference (artifacts/{SMOKE_DIR}/{SMOKE_FILE}); "
+                            "versions registered before deployments checked them: re-run evaluate and register")
+    return smoke
+
+
+def _download_version(name: str, version: str, dest: Path) -> Path:
+    import mlflow
+
+    return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dest))) / "artifacts"
 
 
 def download_run_artifact(name: str, version: str, artifact: str, dest: Path | None = None) -> Path:
@@ -141,3 +158,34 @@ def rollback(name: str, *, reason: str = "manual rollback") -> tuple[str, str]:
     mlflow_client.set_registered_model_alias(name, CHAMPION, previous)
     mlflow_client.set_model_version_tag(name, current, "rolled_back", reason)
     return current, previous
+
+
+def tag_version(name: str, version: str, tags: dict[str, str | None], mlflow_client: Any = None) -> None:
+    """Set the given tags on a version; a None value deletes that tag (a missing one is fine)."""
+    from mlflow.exceptions import MlflowException
+
+    mlflow_client = mlflow_client or client()
+    present = mlflow_client.get_model_version(name, version).tags
+    for key, value in tags.items():
+        if value is not None:
+            mlflow_client.set_model_version_tag(name, version, key, value)
+        elif key in present:
+            try:
+                mlflow_client.delete_model_version_tag(name, version, key)
+            except MlflowException:
+                pass  # deleted meanwhile
+
+
+def move_champion_back(name: str, to_version: str, *, reason: str) -> bool:
+    """Point `champion` at `to_version` because the version it names was refused or rolled back: with a
+    rollback when `to_version` is the champion's recorded predecessor (so `previous_champion` stays a
+    true history), else by setting it. Returns whether the alias moved."""
+    mlflow_client = client()
+    current = alias_version(name, CHAMPION, mlflow_client)
+    if current == str(to_version):
+        return False
+    if current is not None and mlflow_client.get_model_version(name, current).tags.get(PREVIOUS_TAG) == str(to_version):
+        rollback(name, reason=reason)
+    else:
+        set_champion(name, str(to_version), reason=reason, mlflow_client=mlflow_client)
+    return True

@@ -1,5 +1,9 @@
 """ASGI middleware in front of the service's routes:
 
+- every response says which registry version answered (`X-Model-Version`), errors included;
+- the request's traffic kind, which the deployment states in `X-Detops-Traffic` (`smoke`, `shadow` or
+  `canary` for the new colour during a rollout's verification; the front door overwrites any client's
+  value), is put in `REQUEST_TRAFFIC` for the prediction log; anything else is `live`;
 - a request whose Content-Length is over what the endpoint can accept is refused with 413 before its
   body is read;
 - BentoML's own 400 for a request that does not match an endpoint's signature (missing or misnamed
@@ -10,12 +14,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
+from monitoring.store import TRAFFIC
 from serving import metrics
 from serving.schemas import ErrorBody
 
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the files
+REQUEST_TRAFFIC: ContextVar[str] = ContextVar("request_traffic", default="live")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -23,15 +30,24 @@ Message = dict[str, Any]
 
 class RequestGuard:
     """See the module docstring. `upload_limits` maps a route to the largest body it accepts and
-    the setting that sets it."""
+    the setting that sets it; `model_version` gives the version to announce (called once, when the
+    first request comes)."""
 
-    def __init__(self, app: Callable[..., Any], upload_limits: dict[str, tuple[int, str]]) -> None:
+    def __init__(self, app: Callable[..., Any], upload_limits: dict[str, tuple[int, str]],
+                 model_version: Callable[[], str]) -> None:
         self.app = app
         self.upload_limits = upload_limits
+        self.model_version = model_version
+        self._version_header: tuple[bytes, bytes] | None = None
 
     async def __call__(self, scope: Scope, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self._version_header is None:
+            self._version_header = (b"x-model-version", self.model_version().encode())
+        send = _WithHeader(send, self._version_header)
+        traffic = _header(scope, b"x-detops-traffic").decode("latin-1")
+        REQUEST_TRAFFIC.set(traffic if traffic in TRAFFIC else "live")
         path = scope["path"]
         limit, setting = self.upload_limits.get(path, (None, ""))
         length = _header(scope, b"content-length") if limit is not None else b""
@@ -41,6 +57,19 @@ class RequestGuard:
                                      f"request body of {int(length)} bytes is over the limit of {limit} bytes "
                                      f"for {path} ({setting})")
         await self.app(scope, receive, _ValidationRewriter(send))
+
+
+class _WithHeader:
+    """Adds one header to the response's start message."""
+
+    def __init__(self, send: Callable[..., Any], header: tuple[bytes, bytes]) -> None:
+        self.send = send
+        self.header = header
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", []), self.header]}
+        await self.send(message)
 
 
 class _ValidationRewriter:

@@ -12,6 +12,7 @@ Durable jobs (`/jobs`, run by `detops worker` processes) are a FastAPI app of se
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ from serving import metrics  # noqa: E402
 from serving.batching import InferenceBatcher, InferenceFailed, Overloaded  # noqa: E402
 from serving.cache import ResultCache, cache_key  # noqa: E402
 from serving.forms import DetectBatchInput, DetectInput  # noqa: E402
-from serving.guard import RequestGuard  # noqa: E402
+from serving.guard import REQUEST_TRAFFIC, RequestGuard  # noqa: E402
 from serving.imaging import DecodedImage, RequestRejected, check_size, decode_image  # noqa: E402
 from serving.jobs import api as jobs_api  # noqa: E402
 from serving.render import draw_detections, encode_jpeg  # noqa: E402
@@ -42,6 +43,7 @@ from serving.settings import load_jobs_config, load_serve_config, ort_threads  #
 
 CFG = load_serve_config()
 JOBS_CFG = load_jobs_config()
+MODEL = bentoml.models.BentoModel(f"{CFG.model_name}:{CFG.store_version}")  # a class attribute: packed in the bento
 log = logging.getLogger(__name__)
 
 
@@ -63,16 +65,13 @@ class _Prepared:
 class Detector:
     """Object detection with a calibrated YOLO model imported from the MLflow registry."""
 
-    model = bentoml.models.BentoModel(f"{CFG.model_name}:{CFG.store_version}")
+    model = MODEL
 
     def __init__(self) -> None:
         from monitoring.logger import PredictionLogger
 
         self.runtime = ModelRuntime.load(Path(self.model.path), threads=ort_threads(CFG))
-        labels = self.model.info.labels
-        self.model_info = ModelInfo(name=labels.get("registry_name", self.runtime.card.name),
-                                    version=labels.get("registry_version", f"local:{self.model.tag.version}"),
-                                    alias=labels.get("alias"))
+        self.model_info = served_model()
         metrics.MODEL_INFO.labels(self.model_info.name, self.model_info.version, str(self.model_info.alias),
                                   str(self.model.tag)).set(1)
         self.cache: ResultCache[tuple[Detection, ...]] = ResultCache(CFG.cache_entries)
@@ -98,7 +97,7 @@ class Detector:
     @bentoml.api(route="/detect", input_spec=DetectInput)
     async def detect(self, image: Path, conf: float | None = None, iou: float | None = None,
                      max_det: int | None = None, classes: list[int] | None = None) -> DetectResponse:
-        """Detect objects in one image. Response header `X-Cache: hit|miss`."""
+        """Detect objects in one image. Response headers `X-Cache: hit|miss`, `X-Model-Version`."""
         return await self._detect_response([image], conf, iou, max_det, classes, single=True)
 
     @bentoml.api(route="/detect_batch", input_spec=DetectBatchInput)
@@ -143,7 +142,8 @@ class Detector:
     async def _predict(self, files: list[Path], conf: float | None, iou: float | None, max_det: int | None,
                        classes: list[int] | None) -> list[tuple[DecodedImage, list[Detection], bool]]:
         """Decode every file (all must be valid), answer from the cache where possible and run the
-        rest through the runtime's steps, batching `infer` across requests; log each prediction.
+        rest through the runtime's steps, batching `infer` across requests; log each prediction with
+        the request's traffic (live, or the shadow/canary traffic of a rollout's verification).
         Raises RequestRejected for bad input (4xx), overload (503) and any failure of the inference (500)."""
         try:
             params = self.runtime.resolve(conf, iou, max_det, classes)
@@ -177,7 +177,8 @@ class Detector:
         for d, dets, hit in zip(job.decoded, job.found, job.hits):
             metrics.observe_detections(dets)
             self.pred_log.log(d.rgb, sha256=d.sha256, request_id=uuid.uuid4().hex, detections=dets,
-                              model_name=self.model_info.name, model_version=self.model_info.version)
+                              model_name=self.model_info.name, model_version=self.model_info.version,
+                              traffic=REQUEST_TRAFFIC.get())
             results.append((d, list(dets), hit))
         return results
 
@@ -220,7 +221,16 @@ class Detector:
         (metrics.INFERENCE_ERRORS if exc.status >= 500 else metrics.BAD_INPUT).labels(reason=exc.code).inc()
         return error_response(exc.code, exc.detail, exc.status)
 
-Detector.add_asgi_middleware(RequestGuard, upload_limits={
+@functools.cache
+def served_model() -> ModelInfo:
+    """The registry model this service answers with (the labels `detops build` gave the BentoML model)."""
+    info = MODEL.resolve().info
+    labels = info.labels
+    return ModelInfo(name=labels.get("registry_name", info.metadata.get("card_name", CFG.model_name)),
+                     version=labels.get("registry_version", f"local:{info.tag.version}"), alias=labels.get("alias"))
+
+
+Detector.add_asgi_middleware(RequestGuard, model_version=lambda: served_model().version, upload_limits={
     "/detect": (CFG.max_upload_bytes, "serve.max_upload_bytes"), "/render": (CFG.max_upload_bytes, "serve.max_upload_bytes"),
     "/detect_batch": (CFG.max_upload_bytes * CFG.max_batch_images, "serve.max_upload_bytes x serve.max_batch_images"),
     "/jobs": (jobs_api.body_limit(JOBS_CFG), "jobs.max_job_bytes")})

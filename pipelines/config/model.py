@@ -95,6 +95,7 @@ class EvaluateConfig(Section):
     batch: int = Field(16, ge=1)  # images per inference call while predicting the splits
     latency_batch_sizes: list[Annotated[int, Field(ge=1)]] = Field([1, 2, 4, 8, 16], min_length=1)
     latency_repeats: int = Field(20, ge=1)
+    smoke_images: int = Field(8, ge=1)  # test images whose served predictions a deployment checks
     experiment: str = "detops"  # used only when the model card's training run is not in the store
 
 

@@ -133,7 +133,7 @@ def test_detect_batch_keeps_order_and_count(server: dict) -> None:
     assert resp.headers["x-cache"] == "miss,miss,miss"
     too_many = [("images", (f"{i}.png", images.png(8, 8, seed=i))) for i in range(MAX_BATCH_IMAGES + 1)]
     refused = post(server, "/detect_batch", too_many)
-    assert refused.status_code == 413
+    assert refused.status_code == 413, refused.text[:500]
     assert refused.json()["error"] == "too_many_images" and str(MAX_BATCH_IMAGES) in refused.json()["detail"]
 
 
@@ -241,16 +241,30 @@ def test_odd_but_valid_images_are_served(server: dict, case: str) -> None:
     assert httpx.get(server["url"] + "/readyz").status_code == 200
 
 
-def test_predictions_are_logged(server: dict) -> None:
+def test_predictions_are_logged_with_their_traffic(server: dict) -> None:
     from monitoring.store import open_store
 
-    post(server, "/detect", {"image": ("x.jpg", images.jpeg(50, 50, seed=77))})
+    live = post(server, "/detect", {"image": ("x.jpg", images.jpeg(50, 50, seed=77))}).json()["image"]["sha256"]
+    # What the deployment's front door marks as shadow traffic is logged apart from live traffic.
+    shadowed = httpx.post(server["url"] + "/detect", files={"image": ("s.jpg", images.jpeg(52, 52, seed=78))},
+                          headers={"X-Detops-Traffic": "shadow"}, timeout=60).json()["image"]["sha256"]
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # the logger writes in the background: wait for this request's record
-        frame = open_store(server["log_dir"]).read()
-        if len(frame) >= 5 and 50 in set(frame["width"]):
+    while time.monotonic() < deadline:  # the logger writes in the background: wait for both records
+        frame = open_store(server["log_dir"]).read(traffic=None)
+        if {live, shadowed} <= set(frame["image_sha256"]):
             break
         time.sleep(0.5)
-    assert len(frame) >= 5
-    assert set(frame["width"]) >= {50}
     assert frame["image_sha256"].str.fullmatch(r"[0-9a-f]{64}").all()
+    traffic = frame.groupby("image_sha256")["traffic"].agg(set)
+    assert traffic[live] == {"live"} and traffic[shadowed] == {"shadow"}
+    logged_live = set(open_store(server["log_dir"]).read()["image_sha256"])  # what drift and push read
+    assert live in logged_live and shadowed not in logged_live
+
+
+def test_every_response_names_the_model_version(server: dict) -> None:
+    ok = post(server, "/detect", {"image": ("x.jpg", images.jpeg(40, 40, seed=79))})
+    bad = post(server, "/detect", {"image": ("t.jpg", images.TEXT)})
+    probe = httpx.get(server["url"] + "/readyz")
+    assert ok.headers["x-model-version"] == ok.json()["model"]["version"]
+    assert bad.status_code == 415 and probe.status_code == 200
+    assert bad.headers["x-model-version"] == probe.headers["x-model-version"] == ok.headers["x-model-version"]

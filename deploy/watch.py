@@ -1,0 +1,188 @@
+"""`detops deploy watch`: keep what is live equal to `serve.model_name@champion`.
+
+Polling the registry every `deploy.watch.poll_interval_s` works with any tracking store (the SQLite
+default included). With an MLflow tracking server, the watcher also registers an MLflow registry
+webhook (alias created/deleted) pointing at its own small HTTP receiver; a delivery whose HMAC-SHA256
+signature verifies (secret in DETOPS_MLFLOW_WEBHOOK_SECRET) wakes it at once, so setting the alias in
+the MLflow UI starts a rollout within a second. Polling stays the backstop for lost deliveries.
+
+What the watcher does when `@champion` changes: a new version is rolled out (deploy/rollout.py); the
+version whose colour is still warm (the one live before: `@champion` moved back) is switched to at
+once; a version the deployment refused before is left alone (roll it out by hand after fixing it). A
+refused rollout moves `@champion` back to the live version, so the two never disagree for long.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from deploy.rollout import Deployer, RolloutRefused
+from pipelines import registry
+from pipelines.errors import DetopsError
+
+SECRET_ENV = "DETOPS_MLFLOW_WEBHOOK_SECRET"
+WEBHOOK_NAME = "detops-deploy-watch"
+WEBHOOK_PATH = "/mlflow"
+EVENTS = ["model_version_alias.created", "model_version_alias.deleted"]
+MAX_SKEW_S = 300  # deliveries older than this are refused (replays)
+
+
+def signature_ok(secret: str, headers: Any, body: bytes, *, now: float | None = None) -> bool:
+    """Whether an MLflow webhook delivery is authentic: `X-MLflow-Signature` is `v1,<base64 HMAC-SHA256>`
+    of `<delivery id>.<timestamp>.<body>` with the shared secret, and the timestamp is recent."""
+    signature = headers.get("X-MLflow-Signature", "")
+    timestamp = headers.get("X-MLflow-Timestamp", "")
+    delivery = headers.get("X-MLflow-Delivery-Id", "")
+    if not signature.startswith("v1,") or not timestamp.isdigit() or not delivery:
+        return False
+    if abs((now or time.time()) - int(timestamp)) > MAX_SKEW_S:
+        return False
+    expected = hmac.new(secret.encode(), f"{delivery}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return hmac.compare_digest(base64.b64encode(expected).decode(), signature[3:])
+
+
+class Watcher:
+    """Follows `@champion` for one Deployer; `check()` is one step, `run()` the loop."""
+
+    def __init__(self, deployer: Deployer, say: Callable[[str], None] = print) -> None:
+        self.deployer = deployer
+        self.cfg = deployer.cfg.watch
+        self.name = deployer.serve.model_name
+        self.say = say
+        self.wake = threading.Event()
+        self.server: ThreadingHTTPServer | None = None
+
+    def check(self, trigger: str = "watcher") -> str:
+        """Compare `@champion` with the live version and act on a difference; what happened, one line."""
+        for note in self.deployer.repair():
+            self.say(f"repair: {note}")
+        champion = registry.alias_version(self.name, registry.CHAMPION)
+        stack = self.deployer.state.stack()
+        if champion is None:
+            return f"{self.name} has no @champion: nothing to follow"
+        if stack.live is None:
+            self.deployer.up()
+            return f"nothing was deployed: v{champion} is live"
+        if champion == stack.live_version:
+            return f"v{champion} is live and @champion"
+        verdict = registry.resolve(self.name, version=champion).tags.get("deploy.verdict")
+        if verdict == "refused":
+            return f"@champion is v{champion}, which the deployment refused before: left alone"
+        try:
+            rollout = self.deployer.follow(champion, trigger=trigger)
+        except RolloutRefused as exc:
+            return str(exc)
+        if rollout.figures.get("warm"):
+            return f"v{champion} is live: switched to its warm colour in {rollout.figures['switch_s']} s"
+        return f"v{champion} rolled out (rollout {rollout.id}), now live"
+
+    def run(self, *, once: bool = False, webhook: bool | None = None) -> None:
+        """Check now, then at every poll interval or webhook delivery, until interrupted. `webhook`
+        (default: when the tracking store is an MLflow server) starts the receiver and registers it."""
+        from pipelines.tracking import tracking_uri
+
+        if webhook is None:
+            webhook = tracking_uri().startswith(("http://", "https://"))
+        if webhook and not once:
+            self.start_receiver()
+            self.register_webhook()
+        trigger = "watcher"
+        try:
+            while True:
+                try:
+                    self.say(self.check(trigger))
+                except DetopsError as exc:
+                    self.say(f"error: {exc}")
+                if once:
+                    return
+                # A delivery during the check leaves the event set: the next check follows at once.
+                trigger = "webhook" if self.wake.wait(self.cfg.poll_interval_s) else "watcher"
+                self.wake.clear()
+        finally:
+            self.stop_receiver()
+
+    # ------------------------------------------------------------------ webhooks
+    @property
+    def webhook_url(self) -> str:
+        return self.cfg.webhook_url or f"http://{self.cfg.webhook_host}:{self.cfg.webhook_port}{WEBHOOK_PATH}"
+
+    def start_receiver(self) -> None:
+        """The HTTP receiver of MLflow's deliveries, in a background thread."""
+        secret = _secret()
+        watcher = self
+
+        class Receiver(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path != WEBHOOK_PATH:
+                    return self._answer(404, "not found")
+                if not signature_ok(secret, self.headers, body):
+                    return self._answer(401, "bad or missing signature")
+                try:
+                    event = json.loads(body)
+                    data = event["data"]
+                except (ValueError, KeyError, TypeError):
+                    return self._answer(400, "not an MLflow webhook payload")
+                if (event.get("entity") == "model_version_alias" and data.get("name") == watcher.name
+                        and data.get("alias") == registry.CHAMPION):
+                    watcher.wake.set()
+                return self._answer(200, "ok")
+
+            def _answer(self, status: int, text: str) -> None:
+                payload = json.dumps({"status": text}).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        try:
+            self.server = ThreadingHTTPServer((self.cfg.webhook_host, self.cfg.webhook_port), Receiver)
+        except OSError as exc:
+            raise DetopsError(f"deploy watch: cannot listen on {self.cfg.webhook_host}:{self.cfg.webhook_port} "
+                              f"(deploy.watch.webhook_port): {exc}") from None
+        threading.Thread(target=self.server.serve_forever, name="detops-webhook", daemon=True).start()
+        self.say(f"webhook receiver on {self.webhook_url}")
+
+    def stop_receiver(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def register_webhook(self) -> None:
+        """Create (or point again) the MLflow registry webhook that calls this watcher."""
+        client = registry.client()
+        secret = _secret()
+        existing = [w for w in client.list_webhooks() if w.name == WEBHOOK_NAME]
+        try:
+            if existing:
+                client.update_webhook(existing[0].webhook_id, url=self.webhook_url, events=EVENTS, secret=secret,
+                                      status="ACTIVE")
+            else:
+                client.create_webhook(WEBHOOK_NAME, self.webhook_url, EVENTS, secret=secret,
+                                      description="detops deploy watch: roll out @champion")
+        except Exception as exc:  # MLflow raises its own exception types for refused URLs
+            raise DetopsError(f"deploy watch: MLflow refused the webhook {self.webhook_url} "
+                              f"({' '.join(str(exc).split())[:300]}); polling still works") from None
+        self.say(f"MLflow webhook {WEBHOOK_NAME} -> {self.webhook_url}")
+
+
+def _secret() -> str:
+    secret = os.environ.get(SECRET_ENV, "")
+    if len(secret) < 16:
+        raise DetopsError(f"set {SECRET_ENV} (at least 16 characters) to receive MLflow webhooks; "
+                          "the same secret signs every delivery")
+    return secret

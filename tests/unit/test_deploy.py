@@ -1,0 +1,124 @@
+"""The deployment's pure parts: the smoke comparison, agreement, the gates, MLflow webhook signatures,
+the state file, and the generated nginx configuration (checked by the real `nginx -t` when installed)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.state import ColourProcess, DeployState, Stack
+from deploy.verify import _agree, _same_detections, gates, traffic
+from deploy.watch import signature_ok
+from pipelines.config.deploy import DeployConfig
+from pipelines.types import Box
+
+BOX = Box(10, 10, 50, 60)
+
+
+def test_smoke_comparison_tolerates_float_noise_and_names_a_real_difference() -> None:
+    expected = [(0, BOX, 0.80), (1, Box(70, 70, 90, 95), 0.41)]
+    noisy = [(1, Box(70.01, 70, 90, 95), 0.41003), (0, BOX, 0.79995)]  # other order, tiny differences
+    assert _same_detections(expected, noisy, iou=0.99, conf_tolerance=1e-4) == ""
+    assert "1 detections served, 2 recorded" in _same_detections(expected, noisy[:1], iou=0.99, conf_tolerance=1e-4)
+    moved = [(0, Box(14, 10, 54, 60), 0.80), (1, Box(70, 70, 90, 95), 0.41)]
+    assert "box IoU" in _same_detections(expected, moved, iou=0.99, conf_tolerance=1e-4)
+    shifted = [(0, BOX, 0.79), (1, Box(70, 70, 90, 95), 0.41)]
+    assert "confidence" in _same_detections(expected, shifted, iou=0.99, conf_tolerance=1e-4)
+    relabelled = [(2, BOX, 0.80), (1, Box(70, 70, 90, 95), 0.41)]
+    assert "class-0" in _same_detections(expected, relabelled, iou=0.99, conf_tolerance=1e-4)
+
+
+def test_agreement_matches_class_and_iou_one_to_one() -> None:
+    old = [[10, 10, 50, 60, 0, 0.9], [70, 70, 90, 95, 1, 0.5]]
+    agree, shifts = _agree(old, [[12, 11, 50, 61, 0, 0.85], [70, 70, 91, 95, 1, 0.55]])
+    assert agree and shifts == pytest.approx([-0.05, 0.05])
+    assert not _agree(old, [[12, 11, 50, 61, 1, 0.85], [70, 70, 91, 95, 1, 0.55]])[0]  # a class changed
+    assert not _agree(old, old[:1])[0]  # one detection lost
+    assert _agree([], []) == (True, [])
+
+
+def _window(idle_requests: int, errors: int = 0, agreeing: int | None = None) -> dict:
+    idle = {"requests": idle_requests, "errors": errors, "error_rate": errors / max(idle_requests, 1), "p95_ms": 12.0}
+    live = {"requests": 100, "errors": 0, "error_rate": 0.0, "p95_ms": 10.0}
+    images = idle_requests - errors
+    agree = agreeing if agreeing is not None else images
+    return {"idle": idle, "live": live, "agreement": {"images": images, "agreeing": agree,
+                                                      "agreement": agree / images if images else None}}
+
+
+def test_gates_judge_the_window_only_with_enough_traffic() -> None:
+    cfg = DeployConfig()
+    smoke = {"images": 8, "mismatches": []}
+    assert [c.passed for c in gates({"smoke": smoke}, cfg)] == [True]
+    failing_smoke = gates({"smoke": {"images": 8, "mismatches": ["img.jpg: 1 detections served, 2 recorded"]}}, cfg)
+    assert not failing_smoke[0].passed and "img.jpg" in failing_smoke[0].note
+    quiet = gates({"smoke": smoke, "shadow": _window(3)}, cfg)
+    assert all(c.passed for c in quiet) and "not judged" in quiet[-1].note
+    checks = {c.name: c for c in gates({"smoke": smoke, "shadow": _window(50, errors=2, agreeing=40)}, cfg)}
+    assert not checks["error_rate"].passed and not checks["agreement"].passed and checks["p95_ratio"].passed
+
+
+def test_traffic_counts_model_requests_per_colour() -> None:
+    def entry(traffic: str, uri: str, upstream: str, status: str, seconds: str) -> dict:
+        return {"traffic": traffic, "uri": uri, "upstream": upstream, "upstream_status": status, "upstream_s": seconds}
+
+    entries = [entry("live", "/detect", "127.0.0.1:3101", "200", "0.010"),
+               entry("live", "/readyz", "127.0.0.1:3101", "200", "0.001"),
+               entry("shadow", "/detect?conf=0.5", "127.0.0.1:3102", "502", "0.050"),
+               entry("shadow", "/detect", "", "", "")]
+    assert traffic(entries, 3101, ("live",))["requests"] == 1  # probes do not count
+    shadow = traffic(entries, 3102, ("shadow",))
+    assert shadow["requests"] == 1 and shadow["errors"] == 1 and shadow["p95_ms"] == pytest.approx(50.0)
+
+
+def _signed(secret: str, body: bytes, timestamp: int, delivery: str = "d-1") -> dict[str, str]:
+    digest = hmac.new(secret.encode(), f"{delivery}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return {"X-MLflow-Signature": "v1," + base64.b64encode(digest).decode(), "X-MLflow-Timestamp": str(timestamp),
+            "X-MLflow-Delivery-Id": delivery}
+
+
+def test_mlflow_webhook_signatures_are_verified() -> None:
+    body, now = b'{"entity": "model_version_alias"}', int(time.time())
+    assert signature_ok("s" * 20, _signed("s" * 20, body, now), body)
+    assert not signature_ok("s" * 20, _signed("t" * 20, body, now), body)  # another secret
+    assert not signature_ok("s" * 20, _signed("s" * 20, body, now), body + b" ")  # another body
+    assert not signature_ok("s" * 20, _signed("s" * 20, body, now - 3600), body)  # a replay
+    assert not signature_ok("s" * 20, {}, body)
+
+
+def test_state_round_trips_and_keeps_history(tmp_path: Path) -> None:
+    state = DeployState(tmp_path)
+    stack = Stack(live="green", live_since="2026-11-30T10:00:00+00:00", previous_version="3", nginx_pid=42,
+                  colours={"green": ColourProcess("4", "m:abc", 3102, 43, "t", workers=[(44, 1.5)])})
+    state.save(stack)
+    assert state.stack() == stack and state.stack().live_version == "4"
+    rollout = state.start_rollout("4", "3", "green", "webhook")
+    state.finish_rollout(rollout, "passed", figures={"switch_s": 0.01})
+    assert [(r.version, r.verdict, r.figures) for r in state.rollouts()] == [("4", "passed", {"switch_s": 0.01})]
+    with state.lock():
+        assert state.rollout(rollout.id).trigger == "webhook"
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(), reason="no nginx")
+def test_the_generated_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
+    from deploy import nginx
+
+    text = nginx.render(host="127.0.0.1", port=8080, blue_port=3101, green_port=3102, prefix=tmp_path,
+                        canary_percent=10, max_body_bytes=10 ** 6, timeout_s=60)
+    assert nginx.write_config(text, tmp_path) is True and nginx.write_config(text, tmp_path) is False
+    checked = subprocess.run([nginx.executable(), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                             capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+    with pytest.raises(Exception, match="nginx -t refused"):
+        nginx.write_config(text.replace("keepalive 32;", "keepalive thirty-two;"), tmp_path)
+    nginx.set_routing(tmp_path, live="green", shadow=True)
+    assert {p.name for p in (tmp_path / "route").iterdir()} == {"green", "shadow"}
+    nginx.set_routing(tmp_path, live="blue", canary=True)
+    assert {p.name for p in (tmp_path / "route").iterdir()} == {"canary"}
