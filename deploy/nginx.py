@@ -66,8 +66,8 @@ http {{
     log_format detops escape=json '{{"t":$msec,"uri":"$request_uri","status":$status,"upstream":"$upstream_addr",'
                                   '"upstream_status":"$upstream_status","upstream_s":"$upstream_response_time",'
                                   '"traffic":"$detops_traffic"}}';
-    log_format detops_shadow escape=json '{{"t":$msec,"uri":"$request_uri","status":$status,"upstream":"$upstream_addr",'
-                                         '"upstream_status":"$upstream_status",'
+    log_format detops_shadow escape=json '{{"t":$msec,"uri":"$request_uri","status":$status,'
+                                         '"upstream":"$upstream_addr","upstream_status":"$upstream_status",'
                                          '"upstream_s":"$upstream_response_time","traffic":"shadow"}}';
     client_max_body_size {max_body_bytes};
     client_body_buffer_size 1m;

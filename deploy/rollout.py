@@ -90,6 +90,7 @@ class Deployer:
                 self.state.save(stack)
                 self._route(stack)
                 self._wait_front_door(version)
+                self._start_job_workers(stack)
                 self.state.finish_rollout(rollout, "passed", figures=figures)
                 write_report(Path(self.cfg.reports), rollout, checks)
                 self._mark_live(version)
@@ -135,6 +136,9 @@ class Deployer:
             for process in stack.colours.values():
                 _cancel_retire(process)
                 colours.stop(process, drain_s=self.cfg.drain_s)
+            for worker in stack.job_workers:  # a worker finishes its chunk in flight (Celery's warm shutdown)
+                if processes.same_process(worker):
+                    processes.stop(worker[0], timeout_s=max(self.cfg.drain_s, 10.0))
             if stack.live_version:
                 registry.tag_version(self.serve.model_name, stack.live_version, {"retired_at": now()})
             self.state.save(Stack(previous_version=stack.live_version or stack.previous_version))
@@ -385,8 +389,23 @@ class Deployer:
             stack.nginx_pid = None
             self.state.save(stack)
             self._route(stack)
+        if stack.live is not None:
+            dead = len(stack.job_workers) - len([w for w in stack.job_workers if processes.same_process(w)])
+            if dead:
+                self.notes.append(f"{dead} job worker(s) had stopped: restarted")
+            self._start_job_workers(stack)
         self.state.save(stack)
         return stack
+
+    def _start_job_workers(self, stack: Stack) -> None:
+        """Keep `deploy.job_workers` `detops worker` pools running; they follow the live version on
+        their own (serving/jobs/models.py reads it from the state), so a switch restarts none of them."""
+        stack.job_workers = [w for w in stack.job_workers if processes.same_process(w)]
+        while len(stack.job_workers) < self.cfg.job_workers:
+            log = Path(self.cfg.state_dir) / "logs" / f"worker-{len(stack.job_workers)}.log"
+            argv = [sys.executable, "-m", "pipelines.cli", "worker"]
+            stack.job_workers.append(processes.handle(processes.spawn(argv, log=log, cwd=Path.cwd()).pid))
+        self.state.save(stack)
 
     def _mark_live(self, version: str) -> None:
         """The registry shows what is live and since when: `deployed_at` on the version now live (its

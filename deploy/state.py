@@ -59,6 +59,7 @@ class Stack:
     previous_version: str | None = None  # what was live before; rollback returns to it
     nginx_pid: int | None = None
     colours: dict[str, ColourProcess] = field(default_factory=dict)
+    job_workers: list[tuple[int, float]] = field(default_factory=list)  # `detops worker` pools (PID, start time)
     rollout_in_progress: int | None = None  # a rollout id whose command has not finished (or died)
 
     @property
@@ -71,7 +72,8 @@ class Stack:
         colours = {k: ColourProcess(**{**v, "workers": [tuple(w) for w in v.get("workers", [])],
                                        "retire": tuple(v["retire"]) if v.get("retire") else None})
                    for k, v in data.pop("colours", {}).items()}
-        return cls(**data, colours=colours)
+        job_workers = [tuple(w) for w in data.pop("job_workers", [])]
+        return cls(**data, colours=colours, job_workers=job_workers)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -168,3 +170,11 @@ _ROLLOUT_COLUMNS = "id, version, from_version, colour, trigger, started_at, ende
 
 def _rollout(row: tuple) -> Rollout:
     return Rollout(*row[:9], figures=json.loads(row[9]))
+
+
+def live_version(state_dir: Path) -> str | None:
+    """The registry version the deployment in `state_dir` serves now, None when there is none; what
+    the job workers run (read only: no lock, no folder created)."""
+    if not (Path(state_dir) / DB_FILE).is_file():
+        return None
+    return DeployState(state_dir).stack().live_version

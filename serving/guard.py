@@ -1,6 +1,7 @@
 """ASGI middleware in front of the service's routes:
 
-- every response says which registry version answered (`X-Model-Version`), errors included;
+- every response says which registry version answered (`X-Model-Version`), errors included; not
+  those of `/jobs`, whose results each name the version a worker ran them with;
 - the request's traffic kind, which the deployment states in `X-Detops-Traffic` (`smoke`, `shadow` or
   `canary` for the new colour during a rollout's verification; the front door overwrites any client's
   value), is put in `REQUEST_TRAFFIC` for the prediction log; anything else is `live`;
@@ -43,12 +44,13 @@ class RequestGuard:
     async def __call__(self, scope: Scope, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if self._version_header is None:
-            self._version_header = (b"x-model-version", self.model_version().encode())
-        send = _WithHeader(send, self._version_header)
+        path = scope["path"]
+        if not path.startswith("/jobs"):  # a job's results name their own versions (a worker ran them)
+            if self._version_header is None:
+                self._version_header = (b"x-model-version", self.model_version().encode())
+            send = _WithHeader(send, self._version_header)
         traffic = _header(scope, b"x-detops-traffic").decode("latin-1")
         REQUEST_TRAFFIC.set(traffic if traffic in TRAFFIC else "live")
-        path = scope["path"]
         limit, setting = self.upload_limits.get(path, (None, ""))
         length = _header(scope, b"content-length") if limit is not None else b""
         if limit is not None and length.isdigit() and int(length) > limit + MULTIPART_SLACK:

@@ -31,8 +31,8 @@ def worker(
 ) -> None:
     """Run a pool of job workers (Celery) until stopped; start one per machine for more capacity.
     Broker, job store and object store: DETOPS_BROKER_URL, DETOPS_DATABASE_URL, DETOPS_OBJECT_STORE_URL
-    (unset: the embedded files under jobs.data_dir). Model: DETOPS_WORKER_MODEL_VERSION, else
-    serve.model_name@serve.alias from the registry."""
+    (unset: the embedded files under jobs.data_dir). Model: DETOPS_WORKER_MODEL_VERSION, else the
+    version `detops deploy` serves, else serve.model_name@serve.alias from the registry."""
     from pipelines.errors import DetopsError
 
     if concurrency is not None and concurrency < 1:

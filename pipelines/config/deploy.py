@@ -57,6 +57,7 @@ class DeployConfig(Section):
     state_dir: Path = Path("deploy_state")  # state database, nginx config and logs, colour logs
     reports: Path = Path("reports/deploy")  # one verification report per rollout
     workers: int | None = Field(None, ge=1)  # BentoML workers per colour (None: serve.workers)
+    job_workers: int = Field(1, ge=0)  # `detops worker` pools that up starts and down stops (0: none)
     ready_timeout_s: float = Field(180.0, gt=0)
     keep_previous_s: float = Field(300.0, ge=0)  # the old colour stays warm this long for an instant rollback
     drain_s: float = Field(10.0, ge=0)  # in-flight requests get this long before a colour is stopped

@@ -1,9 +1,11 @@
 """Which model version the job workers run, and the runtimes they keep loaded.
 
 `live_model()` is the one place that decides the version a worker loads for a new job: a version
-pinned with DETOPS_WORKER_MODEL_VERSION, else the registry's `serve.model_name@serve.alias`
-(champion). A job is pinned to the version that was live when its first chunk was claimed, so a
-rollout changes the version of the jobs that start after it while the running ones finish on theirs.
+pinned with DETOPS_WORKER_MODEL_VERSION (Kubernetes pins it per revision), else the version the
+project's blue/green deployment serves (`detops deploy`, its state in deploy.state_dir), else the
+registry's `serve.model_name@serve.alias` (champion) when nothing is deployed. A job is pinned to the
+version that was live when its first chunk was claimed, so a rollout changes the version of the jobs
+that start after it while the running ones finish on theirs.
 """
 
 from __future__ import annotations
@@ -38,10 +40,13 @@ class ModelRef:
 def live_model() -> ModelRef:
     """The registry version new jobs run on (see the module docstring). Raises RegistryError when
     it does not exist."""
+    from deploy.state import live_version
     from pipelines import registry
+    from pipelines.config.base import load_section
+    from pipelines.config.deploy import DeployConfig
 
     cfg = load_serve_config()
-    pinned = os.environ.get(PINNED_VERSION_ENV)
+    pinned = os.environ.get(PINNED_VERSION_ENV) or live_version(load_section(DeployConfig).state_dir)
     if pinned:
         return ModelRef(cfg.model_name, str(registry.resolve(cfg.model_name, version=pinned).version))
     return ModelRef(cfg.model_name, str(registry.resolve(cfg.model_name, alias=cfg.alias).version), cfg.alias)

@@ -124,6 +124,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, versions: dict[str, str]) 
         ports.add(processes.free_port())
     port, blue, green = sorted(ports)
     params["serve"].update(model_name=NAME, workers=1, prediction_log=str(root / "predictions"), cache_entries=0)
+    params["jobs"].update(data_dir=str(root / "jobs"), worker_concurrency=1, model_check_interval_s=1.0)
     params["deploy"].update(port=port, blue_port=blue, green_port=green, state_dir=str(root / "state"),
                             reports=str(root / "reports"), keep_previous_s=120.0, drain_s=2.0,
                             shadow={"enabled": True, "max_requests": 40, "max_seconds": 20.0},
@@ -202,6 +203,19 @@ class Clients:
         deadline = time.monotonic() + timeout_s
         while self.total < n and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def _job_version(url: str, timeout_s: float = 120) -> str:
+    """Submit a one-image job through the front door and return the version its result names."""
+    accepted = httpx.post(f"{url}/jobs", files=[("images", ("j.jpg", images.jpeg(80, 64, seed=4)))], timeout=60)
+    assert accepted.status_code == 202, accepted.text
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/jobs/{accepted.json()['job_id']}", timeout=30).json()
+        if job["status"] == "succeeded":
+            return job["results"][0]["model"]["version"]
+        time.sleep(0.5)
+    raise AssertionError(f"job not done in {timeout_s} s: {job}")
 
 
 def _runs(seen: list[tuple[int, str | None]]) -> list[str | None]:
@@ -300,6 +314,8 @@ def test_cli_status_and_watcher_following_champion(project: Path, versions: dict
     from monitoring.store import open_store
 
     assert set(open_store(project / "predictions").read(traffic="canary")["model_version"]) == {v2}
+    # The job worker `deploy up` started follows the deployment: a new job runs on the live version.
+    assert _job_version(_front_door()) == v2
     registry.promote(NAME, v1)  # moved back, as a person in the UI would: instant while v1 is warm
     watched = CliRunner().invoke(app, ["deploy", "watch", "--once", "--no-webhook"])
     assert f"v{v1} is live: switched to its warm colour" in watched.output, watched.output
