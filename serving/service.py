@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,8 @@ GATEWAY = build_state(GATEWAY_CFG)  # keys, limits, circuit breaker, dependency 
 logs.configure()
 MODEL = bentoml.models.BentoModel(f"{CFG.model_name}:{CFG.store_version}")  # a class attribute: packed in the bento
 log = logging.getLogger(__name__)
+# While the file this names exists, every inference raises (the circuit breaker's tests; unset in production).
+FAULT_FILE = os.environ.get("DETOPS_FAULT_INFERENCE_FILE", "")
 
 
 @dataclass
@@ -159,7 +162,7 @@ class Detector:
         Raises RequestRejected for bad input (4xx), the key's limits and the tenant's quota (429), overload
         and an open circuit (503) and any failure of the inference (500)."""
         tenant = context.current_tenant()
-        GATEWAY.limits.images_now(context.KEY_ID.get(), len(files))
+        GATEWAY.limits.images_now(context.KEY_ID.get(), tenant, len(files))
         GATEWAY.limits.images_today(tenant, len(files))
         try:
             params = self.runtime.resolve(conf, iou, max_det, classes)
@@ -219,6 +222,8 @@ class Detector:
 
     def _infer_letterboxed(self, batch: np.ndarray) -> np.ndarray:
         """Letterboxed RGB uint8 (N, S, S, 3) -> raw model output; runs in the batcher's worker thread."""
+        if FAULT_FILE and os.path.exists(FAULT_FILE):  # fault injection for the degradation tests only
+            raise RuntimeError(f"inference fault injected ({FAULT_FILE} exists)")
         return self.runtime.infer(self.runtime.to_input(batch))
 
     @staticmethod

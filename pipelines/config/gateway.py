@@ -16,6 +16,8 @@ class TenantPolicy(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    requests_per_s: int | None = Field(None, ge=1)  # per key of this tenant
+    images_per_s: int | None = Field(None, ge=1)
     images_per_day: int | None = Field(None, ge=1)
     max_job_images: int | None = Field(None, ge=1)
     retention_days: float | None = Field(None, gt=0)
@@ -46,6 +48,8 @@ class GatewayConfig(Section):
     def policy(self, tenant: str) -> TenantPolicy:
         """The tenant's quotas with the section's defaults filled in."""
         own = self.tenants.get(tenant, TenantPolicy())
-        return TenantPolicy(images_per_day=own.images_per_day or self.images_per_day,
+        return TenantPolicy(requests_per_s=own.requests_per_s or self.requests_per_s,
+                            images_per_s=own.images_per_s or self.images_per_s,
+                            images_per_day=own.images_per_day or self.images_per_day,
                             max_job_images=own.max_job_images or self.max_job_images,
                             retention_days=own.retention_days or self.retention_days)

@@ -3,7 +3,7 @@
 Storage from DETOPS_LIMITS_STORAGE_URL: `memory://` by default (per worker process: fine for one
 embedded worker, not shared), `redis://host:6379/N` in production, which every worker of both colours
 shares, so a key's limit holds across the whole deployment. Fixed windows: requests and images per
-second per key, images per UTC day per tenant. Over a limit: `RequestRejected` 429 with the seconds
+second per key (each tenant may have its own rates), images per UTC day per tenant. Over a limit: `RequestRejected` 429 with the seconds
 until the window resets (Retry-After). When the storage cannot be reached the limits fail open (a
 warning in the log): a down Redis must not take /detect down with it.
 """
@@ -35,8 +35,6 @@ class Limits:
         self.cfg = cfg
         self.storage_url = url.split("@")[-1]  # never log a password
         self.limiter = FixedWindowRateLimiter(storage_from_string(url))
-        self.requests = RateLimitItemPerSecond(cfg.requests_per_s, namespace="detops-req")
-        self.images = RateLimitItemPerSecond(cfg.images_per_s, namespace="detops-img")
 
     def _hit(self, item: object, ident: str, cost: int, code: str, what: str) -> None:
         try:
@@ -50,18 +48,20 @@ class Limits:
         retry = max(1, math.ceil(reset - time.time()))
         raise RequestRejected(code, f"{what}; retry after {retry} s", 429, retry_after=retry)
 
-    def request(self, key_id: str) -> None:
-        """Count one request of `key_id` (429 over gateway.requests_per_s)."""
-        self._hit(self.requests, key_id, 1, "rate_limited",
-                  f"over {self.cfg.requests_per_s} requests/s for this key (gateway.requests_per_s)")
+    def request(self, key_id: str, tenant: str) -> None:
+        """Count one request of `key_id` (429 over the tenant's gateway.requests_per_s)."""
+        rate = self.cfg.policy(tenant).requests_per_s or self.cfg.requests_per_s
+        self._hit(RateLimitItemPerSecond(rate, namespace="detops-req"), key_id, 1, "rate_limited",
+                  f"over {rate} requests/s for this key (gateway.requests_per_s)")
 
-    def images_now(self, key_id: str, n: int) -> None:
+    def images_now(self, key_id: str, tenant: str, n: int) -> None:
         """Count `n` images sent for synchronous detection by `key_id` (429 over gateway.images_per_s)."""
-        if n > self.cfg.images_per_s:
-            raise RequestRejected("rate_limited", f"{n} images in one request is over {self.cfg.images_per_s} "
-                                  "images/s for this key (gateway.images_per_s)", 429, retry_after=1)
-        self._hit(self.images, key_id, n, "rate_limited",
-                  f"over {self.cfg.images_per_s} images/s for this key (gateway.images_per_s)")
+        rate = self.cfg.policy(tenant).images_per_s or self.cfg.images_per_s
+        if n > rate:
+            raise RequestRejected("rate_limited", f"{n} images in one request is over {rate} images/s for this key "
+                                  "(gateway.images_per_s)", 429, retry_after=1)
+        self._hit(RateLimitItemPerSecond(rate, namespace="detops-img"), key_id, n, "rate_limited",
+                  f"over {rate} images/s for this key (gateway.images_per_s)")
 
     def images_today(self, tenant: str, n: int) -> None:
         """Count `n` images against the tenant's daily quota (429 `quota_exceeded`)."""

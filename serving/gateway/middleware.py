@@ -7,7 +7,8 @@ In order, for each HTTP request:
    `/readyz` answers JSON: ready (model loaded, circuit not open: else 503) and each dependency;
 3. public routes (serving/gateway/scopes.py) pass; every other route needs a key: 401 without one or
    with an unknown or revoked one, 403 without the route's scope, then the key's request rate (429);
-4. `/jobs` answers 503 + Retry-After at once while the background probe sees the job store down;
+4. `/jobs` answers 503 + Retry-After at once while the background probe sees the job store down, and
+   `POST /jobs` while it sees the broker down (reads of stored jobs still work then);
 5. uploads: at most `gateway.max_concurrent_uploads` bodies are received at once per worker (more:
    503 + Retry-After at once), and a body whose next chunk takes over `gateway.body_timeout_s` is cut.
 
@@ -125,9 +126,13 @@ class Gateway:
             return await self.app(scope, receive, send)
         try:
             await self._authorize(scope, method, path)
-            if path.startswith("/jobs") and state.monitor is not None and not state.monitor.is_up("job_store"):
-                raise RequestRejected("job_store_unavailable", "the job store is down (see /readyz); nothing was "
-                                      "stored, retry later", 503, retry_after=5)
+            if path.startswith("/jobs") and state.monitor is not None:
+                if not state.monitor.is_up("job_store"):
+                    raise RequestRejected("job_store_unavailable", "the job store is down (see /readyz); nothing "
+                                          "was stored, retry later", 503, retry_after=5)
+                if method == "POST" and not state.monitor.is_up("broker"):
+                    raise RequestRejected("broker_unavailable", "the job broker is down (see /readyz); nothing was "
+                                          "stored, retry later", 503, retry_after=5)
         except RequestRejected as exc:
             return await _error(send, exc.status, exc.code, exc.detail, exc.retry_after,
                                 extra=[(b"www-authenticate", b"Bearer")] if exc.status == 401 else [])
@@ -166,7 +171,7 @@ class Gateway:
         if not allows(found.scopes, needed):
             raise RequestRejected("insufficient_scope", f"{method} {path} needs scope {needed!r}; this key has "
                                   f"{', '.join(sorted(found.scopes))}", 403)
-        self.state.limits.request(found.key_id)
+        self.state.limits.request(found.key_id, found.tenant)
 
     async def _readyz(self, scope: Scope, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         inner: list[int] = []

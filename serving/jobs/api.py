@@ -400,7 +400,8 @@ def get_job(job_id: str) -> schemas.JobSummary:
                                                **ERRORS}, summary="A job's results", tags=["Jobs"])
 def get_results(job_id: str, format: Literal["jsonl", "coco"] = Query(  # noqa: A002 (the query parameter's name)
                     "jsonl", description="jsonl: one record per image; coco: COCO results (image_id = index)"),
-                from_index: int = Query(0, ge=0, description="only the images from this index on")) -> Response:
+                from_index: int = Query(0, ge=0, le=2**31 - 1,  # a database INTEGER
+                                      description="only the images from this index on")) -> Response:
     """The processed images so far, in submission order (header X-Job-Status says whether more will come)."""
     job = _job(job_id)
     if job.deleted_at is not None:

@@ -89,16 +89,20 @@ def test_pepper_comes_from_the_environment() -> None:
 
 def test_limits() -> None:
     cfg = GatewayConfig(requests_per_s=3, images_per_s=5, images_per_day=8, max_job_images=4,
-                        tenants={"big": TenantPolicy(max_job_images=100, images_per_day=1000)})
+                        tenants={"big": TenantPolicy(max_job_images=100, images_per_day=1000, requests_per_s=20,
+                                                 images_per_s=10)})
     lim = Limits(cfg, environ={})
     for _ in range(3):
-        lim.request("k1")
+        lim.request("k1", "t")
     with pytest.raises(RequestRejected) as over:
-        lim.request("k1")
+        lim.request("k1", "t")
     assert over.value.status == 429 and over.value.retry_after >= 1
-    lim.request("k2")  # per key
+    lim.request("k2", "t")  # per key
     with pytest.raises(RequestRejected, match="images/s"):
-        lim.images_now("k3", 6)
+        lim.images_now("k3", "t", 6)
+    for _ in range(10):
+        lim.request("k4", "big")  # the tenant's own rate
+    lim.images_now("k4", "big", 6)
     lim.images_today("t", 8)
     with pytest.raises(RequestRejected) as quota:
         lim.images_today("t", 1)
@@ -113,8 +117,8 @@ def test_limits() -> None:
 def test_limits_fail_open_when_the_storage_is_down(caplog: pytest.LogCaptureFixture) -> None:
     lim = Limits(GatewayConfig(requests_per_s=1), environ={"DETOPS_LIMITS_STORAGE_URL": "redis://127.0.0.1:1/0"})
     with caplog.at_level(logging.WARNING):
-        lim.request("k")
-        lim.request("k")  # over the limit, but nothing can count it: allowed, and said
+        lim.request("k", "t")
+        lim.request("k", "t")  # over the limit, but nothing can count it: allowed, and said
     assert "not enforced" in caplog.text
 
 
