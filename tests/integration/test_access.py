@@ -306,6 +306,17 @@ def test_schemathesis_over_every_operation(stack: Stack) -> None:
     assert done.returncode == 0, out[-6000:]
     tested = re.search(r"Tested:\s+(\d+)", out)
     assert tested and int(tested.group(1)) == 10, out[-3000:]  # every operation, none refused as invalid
+    # At least 50 requests per operation that takes input, counted independently in the service's access log.
+    per_route: dict[tuple[str, str], int] = {}
+    for line in stack.log.read_text(errors="replace").splitlines():
+        if line.startswith('{"ts"') and '"tenant": "fuzz"' in line:
+            record = json.loads(line)
+            route = re.sub(r"^/jobs/[^/]+", "/jobs/{id}", record["path"])
+            per_route[(record["method"], route)] = per_route.get((record["method"], route), 0) + 1
+    print(per_route)
+    for op in (("POST", "/detect"), ("POST", "/detect_batch"), ("POST", "/render"), ("POST", "/jobs"),
+               ("GET", "/jobs/{id}"), ("GET", "/jobs/{id}/results"), ("DELETE", "/jobs/{id}")):
+        assert per_route.get(op, 0) >= 50, (op, per_route)
 
 
 def test_no_key_or_image_bytes_in_any_log_line(stack: Stack) -> None:
