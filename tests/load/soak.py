@@ -108,7 +108,7 @@ def _soak(args: argparse.Namespace, tmp: Path) -> int:
     env = {"DETOPS_KEY_PEPPER": PEPPER, "DETOPS_GATEWAY_AUTH": "true", "DETOPS_DATABASE_URL": f"sqlite:///{tmp / 'jobs.db'}",
            "DETOPS_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.db'}", "DETOPS_OBJECT_STORE_URL": str(tmp / "objects"),
            "DETOPS_JOBS_DATA_DIR": str(tmp / "jobs"), "MLFLOW_TRACKING_URI": mlflow_uri, "DETOPS_CACHE_DIR": str(tmp / "cache"),
-           "DETOPS_SERVE_MODEL_NAME": "detops-soak", "DETOPS_SERVE_CACHE_ENTRIES": "0"}
+           "DETOPS_SERVE_CACHE_ENTRIES": "0"}
     os.environ.update(env)
     mlflow.set_tracking_uri(mlflow_uri)
     set_champion("detops-soak", register_model_dir(args.model_dir, "detops-soak"), reason="soak")
@@ -119,7 +119,9 @@ def _soak(args: argparse.Namespace, tmp: Path) -> int:
                              text=True, check=True).stdout
         keys.append(out.strip().splitlines()[-1])
     with detector_service(args.model_dir, tmp, overrides=env) as server:
-        worker = start_worker({**os.environ, **env}, tmp / "worker.log", concurrency=1)
+        # The workers load the registry's detops-soak@champion; the service imported the same folder.
+        worker = start_worker({**os.environ, **env, "DETOPS_SERVE_MODEL_NAME": "detops-soak"}, tmp / "worker.log",
+                              concurrency=1)
         sampler = RssSampler({"service": server.pid, "jobs-worker": worker.pid}, interval_s=5)
         sampler.start()
         seconds = _seconds(args.run_time)
