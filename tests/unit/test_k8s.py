@@ -452,3 +452,17 @@ def test_a_misspelled_kustomization_field_fails_the_render(tmp_path: Path) -> No
         f"  - {os.path.relpath(K8S / 'base', tmp_path)}\n")
     with pytest.raises(AssertionError, match="unknown field"):
         render(tmp_path)
+
+
+def test_the_drift_alerts_read_what_detops_drift_pushes(tmp_path: Path) -> None:
+    """drift.prom (what the drift CronJob pushes) holds every detops_drift_* series the alerts use."""
+    from monitoring.drift import DriftResult, FeatureDrift, write_outputs
+
+    write_outputs(DriftResult(True, 0.5, 0.3, 1, 2, 100, 100, "last 100",
+                              [FeatureDrift("brightness", "K-S p_value", 0.001, 0.05, True)]), tmp_path)
+    exposed = set(re.findall(r"^(detops_drift_[a-z_]+)", (tmp_path / "drift.prom").read_text(), re.M))
+    rules = json.dumps(next(o for o in rendered("production") if o["kind"] == "PrometheusRule"))
+    used = set(re.findall(r"detops_drift_[a-z_]+", rules))
+    assert used and used <= exposed
+    cron = json.dumps(next(o for o in rendered("production") if o["metadata"]["name"] == "detops-drift"))
+    assert "drift.prom" in cron and "/metrics/job/detops-drift" in cron and 'job=\\"detops-drift\\"' in rules
