@@ -466,3 +466,25 @@ def test_the_drift_alerts_read_what_detops_drift_pushes(tmp_path: Path) -> None:
     assert used and used <= exposed
     cron = json.dumps(next(o for o in rendered("production") if o["metadata"]["name"] == "detops-drift"))
     assert "drift.prom" in cron and "/metrics/job/detops-drift" in cron and 'job=\\"detops-drift\\"' in rules
+
+
+def test_the_thresholds_are_the_ones_docs_capacity_derives() -> None:
+    """docs/capacity.md's table of thresholds and the rendered production manifests agree."""
+    table = (ROOT / "docs" / "capacity.md").read_text().split("## Thresholds in the manifests, derived")[1]
+    value = {row.split("|")[1].strip(): row.split("|")[3].strip() for row in table.splitlines()
+             if row.startswith("| ") and not row.startswith("| threshold")}
+    objects = {name(o): o for o in rendered("production")}
+    hpa = objects["HorizontalPodAutoscaler/detops-api"]["spec"]
+    assert str(hpa["metrics"][0]["resource"]["target"]["averageUtilization"]) == value["HPA CPU target"]
+    assert f"{hpa['minReplicas']} / {hpa['maxReplicas']}" == value["API replicas, production"]
+    scaled = objects["ScaledObject/detops-worker"]["spec"]
+    assert scaled["triggers"][0]["metadata"]["listLength"] == value["KEDA Redis list length per replica"]
+    assert f"{scaled['minReplicaCount']} / {scaled['maxReplicaCount']}" == value["worker replicas, production"]
+    rules = {r["alert"]: r["expr"] for g in objects["PrometheusRule/detops"]["spec"]["groups"] for r in g["rules"]}
+    assert rules["DetopsHighP95Latency"].strip().endswith(f"> {value['p95 alert and post-promotion gate'].split()[0]}")
+    assert rules["DetopsHighErrorRate"].strip().endswith(f"> {value['error-rate alert and gates']}")
+    assert rules["DetopsJobQueueAge"].strip().endswith(f"> {value['job queue age alert'].split()[0]}")
+    templates = {o["metadata"]["name"]: o for o in rendered("production") if o["kind"] == "AnalysisTemplate"}
+    args = {a["name"]: a.get("value") for t in templates.values() for a in t["spec"]["args"]}
+    assert args["max-p95-seconds"] == value["p95 alert and post-promotion gate"].split()[0]
+    assert args["max-error-rate"] == value["error-rate alert and gates"]
