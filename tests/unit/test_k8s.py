@@ -488,3 +488,13 @@ def test_the_thresholds_are_the_ones_docs_capacity_derives() -> None:
     args = {a["name"]: a.get("value") for t in templates.values() for a in t["spec"]["args"]}
     assert args["max-p95-seconds"] == value["p95 alert and post-promotion gate"].split()[0]
     assert args["max-error-rate"] == value["error-rate alert and gates"]
+
+
+def test_every_alert_has_a_runbook_entry() -> None:
+    runbook = (ROOT / "docs" / "runbook.md").read_text()
+    rules = [r for o in rendered("production") if o["kind"] == "PrometheusRule" for g in o["spec"]["groups"]
+             for r in g["rules"]]
+    assert len(rules) >= 5
+    for rule in rules:
+        assert f"## {rule['alert']}\n" in runbook, rule["alert"]
+        assert rule["annotations"]["runbook"] == f"docs/runbook.md#{rule['alert'].lower()}"
