@@ -86,4 +86,4 @@ loop-demo: labelstudio
 	$(PY) -m tests.integration.loop_demo
 
 clean:
-	rm -rf $(VENV) .venv-labelstudio .cache
+	rm -rf $(VENV) .venv-labelstudio .cache deploy/k8s/validate/node_modules
