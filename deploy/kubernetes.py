@@ -92,7 +92,8 @@ class KubernetesApi:
 
 def targets(cfg: KubernetesConfig, namespace: str) -> list[Target]:
     """The API Rollout first (what clients see), then the job workers' Deployment (if configured)."""
-    found = [Target("Rollout", cfg.rollout, f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/rollouts/{cfg.rollout}")]
+    rollouts = f"/apis/argoproj.io/v1alpha1/namespaces/{namespace}/rollouts"
+    found = [Target("Rollout", cfg.rollout, f"{rollouts}/{cfg.rollout}")]
     if cfg.worker_deployment:
         found.append(Target("Deployment", cfg.worker_deployment,
                             f"/apis/apps/v1/namespaces/{namespace}/deployments/{cfg.worker_deployment}"))

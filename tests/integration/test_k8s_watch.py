@@ -28,7 +28,8 @@ pytestmark = pytest.mark.integration
 NAME = "detops-k8s-watch"
 NAMESPACE = "detops"
 TOKEN = "stand-in-service-account-token"
-PATH = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/(?P<resource>[^/]+)/(?P<name>[^/]+)$")
+PATH = re.compile(r"^/apis/(?P<group>[^/]+)/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)"
+                  r"/(?P<resource>[^/]+)/(?P<name>[^/]+)$")
 
 
 def _merge(target: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

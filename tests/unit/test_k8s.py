@@ -201,7 +201,8 @@ def reference_problems(objects: list[Obj], routes: set[str]) -> list[str]:
                                     f"({sorted(routes)})")
 
     for svc in by_kind.get("Service", {}).values():
-        selected = [(o, t) for o, t in pods if matches(svc["spec"].get("selector", {}), t["metadata"].get("labels", {}))]
+        selector = svc["spec"].get("selector", {})
+        selected = [(o, t) for o, t in pods if matches(selector, t["metadata"].get("labels", {}))]
         if not selected:
             problems.append(f"{name(svc)}: selector {svc['spec'].get('selector')} matches no pod template")
         for port in svc["spec"]["ports"]:
@@ -213,7 +214,8 @@ def reference_problems(objects: list[Obj], routes: set[str]) -> list[str]:
                                     f"of {owner}")
     for kind in ("PodDisruptionBudget",):
         for obj in by_kind.get(kind, {}).values():
-            if not any(matches(obj["spec"]["selector"]["matchLabels"], t["metadata"].get("labels", {})) for _, t in pods):
+            selector = obj["spec"]["selector"]["matchLabels"]
+            if not any(matches(selector, t["metadata"].get("labels", {})) for _, t in pods):
                 problems.append(f"{name(obj)}: selector matches no pod template")
     for obj in by_kind.get("Rollout", {}).values():
         template_labels = obj["spec"]["template"]["metadata"]["labels"]
@@ -425,7 +427,8 @@ MISSPELLED: dict[str, tuple[str, str, str, Callable[[Obj], None], str]] = {
     "crd-servicemonitor": ("ServiceMonitor", "detops-api", "podTargetLabels -> podTargetLabel",
                            lambda o: _rename(o["spec"], "podTargetLabels", "podTargetLabel"), "podTargetLabel"),
     "references": ("Service", "detops-api-preview", "selector label component -> componet",
-                   lambda o: _rename(o["spec"]["selector"], "app.kubernetes.io/component", "app.kubernetes.io/componet"),
+                   lambda o: _rename(o["spec"]["selector"], "app.kubernetes.io/component",
+                                     "app.kubernetes.io/componet"),
                    "matches no pod template"),
     "references-probe": ("Rollout", "detops-api", "probe path /readyz -> /readz",
                          lambda o: _api_container(o)["readinessProbe"]["httpGet"].update(path="/readz"), "'/readz'"),
