@@ -18,6 +18,7 @@ class DriftConfig(Section):
     reference: Path | None = None  # None: the serving model version's MLflow artifact reference/reference.parquet
     window_last_n: int | None = Field(200, ge=1)
     window_since: str | None = None  # ISO time, e.g. 2026-11-21T10:00 (UTC when no offset)
+    model_version: str | None = None  # window: only records logged by this model version (None: any)
     min_window: int = Field(100, ge=10)  # fewer logged images: an error, not a verdict
     min_reference: int = Field(50, ge=10)
     drift_share: float = Field(0.3, gt=0, le=1)  # share of drifted columns (embedding counts as one)
