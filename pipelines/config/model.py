@@ -16,6 +16,9 @@ class TrainConfig(Section):
     dataset: Path = Path("data/augmented")
     out: Path = Path("models")
     model: str = "yolov8n.yaml"
+    # Initial weights to fine-tune from (a detops model's best.pt, e.g. the champion's); None: fresh
+    # weights from `model`. The architecture then comes from the weights.
+    weights: Path | None = None
     # A multiple of the max stride: ultralytics would silently round it up, and the card states it.
     imgsz: int = Field(160, ge=32, multiple_of=32)
     epochs: int = Field(12, ge=1)
