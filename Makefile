@@ -83,7 +83,7 @@ labelstudio: setup
 	$(PY) -c "from monitoring.labelstudio_server import ensure_installed; ensure_installed()"
 
 loop-demo: labelstudio
-	$(PY) -m tests.integration.loop_demo
+	$(PY) -m monitoring.loop
 
 clean:
 	rm -rf $(VENV) .venv-labelstudio .cache deploy/k8s/validate/node_modules

@@ -56,7 +56,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from pipelines.tracking import ensure_experiment
 
-    model = _build_model(cfg.model)
+    model = _build_model(cfg.model, cfg.weights)
     ensure_experiment(cfg.experiment)
     data_hash, hash_source = dataset_hash(cfg.dataset)
     with mlflow.start_run() as run:
@@ -115,9 +115,15 @@ def _train_args(cfg: TrainConfig) -> dict[str, Any]:
     return args
 
 
-def _build_model(model_yaml: str) -> Any:
-    """A YOLO model built from its YAML (fresh weights: nothing is downloaded)."""
+def _build_model(model_yaml: str, weights: Path | None = None) -> Any:
+    """A YOLO model built from its YAML (fresh weights: nothing is downloaded), or loaded from local
+    `weights` to fine-tune."""
     from ultralytics import YOLO
+
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise DetopsError(f"train.weights: {weights} not found (a best.pt of a trained detops model)")
+        return YOLO(str(weights), task="detect")
 
     if not model_yaml.endswith((".yaml", ".yml")):
         raise DetopsError(f"train.model: expected a model YAML such as yolov8n.yaml (got {model_yaml!r}); "
