@@ -43,6 +43,7 @@ class _Item:
     model_name: str
     model_version: str
     traffic: str
+    tenant: str
 
 
 def encode_detections(detections: Sequence[Detection]) -> str:
@@ -53,14 +54,15 @@ def encode_detections(detections: Sequence[Detection]) -> str:
 
 def make_record(image: np.ndarray, *, sha256: str, request_id: str, detections: Sequence[Detection],
                 class_names: Sequence[str], model_name: str, model_version: str,
-                ts: datetime | None = None, image_path: str | None = None, traffic: str = "live") -> PredictionRecord:
+                ts: datetime | None = None, image_path: str | None = None, traffic: str = "live",
+                tenant: str = "-") -> PredictionRecord:
     """Featurize one prediction into a record (used by the logger and by the reference profile)."""
     h, w = image.shape[:2]
     return PredictionRecord(
         ts=ts or datetime.now(timezone.utc), request_id=request_id, image_sha256=sha256, width=w, height=h,
         statistics=image_statistics(image), summary=detection_summary(detections, class_names, (w, h)),
         embedding=image_embedding(image), model_name=model_name, model_version=model_version,
-        detections=encode_detections(detections), image_path=image_path, traffic=traffic)
+        detections=encode_detections(detections), image_path=image_path, traffic=traffic, tenant=tenant)
 
 
 class PredictionLogger:
@@ -87,13 +89,13 @@ class PredictionLogger:
         self._thread.start()
 
     def log(self, image_rgb: np.ndarray, *, sha256: str, request_id: str, detections: Sequence[Detection],
-            model_name: str, model_version: str, traffic: str = "live") -> bool:
+            model_name: str, model_version: str, traffic: str = "live", tenant: str = "-") -> bool:
         """Enqueue one prediction; returns False (and counts it) when it was dropped. Never raises."""
         try:
             if self._closed:
                 raise RuntimeError("logger is closed")
             self._queue.put_nowait(_Item(datetime.now(timezone.utc), image_rgb, sha256, request_id,
-                                         tuple(detections), model_name, model_version, traffic))
+                                         tuple(detections), model_name, model_version, traffic, tenant))
             return True
         except queue.Full:
             self.dropped += 1
@@ -146,7 +148,7 @@ class PredictionLogger:
                 records.append(make_record(item.image, sha256=item.sha256, request_id=item.request_id,
                                            detections=item.detections, class_names=self.class_names,
                                            model_name=item.model_name, model_version=item.model_version,
-                                           ts=item.ts, image_path=path, traffic=item.traffic))
+                                           ts=item.ts, image_path=path, traffic=item.traffic, tenant=item.tenant))
             except Exception:
                 log.exception("prediction log: cannot featurize request %s", item.request_id)
                 self.failures += 1

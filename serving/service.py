@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,18 +34,26 @@ from serving import metrics  # noqa: E402
 from serving.batching import InferenceBatcher, InferenceFailed, Overloaded  # noqa: E402
 from serving.cache import ResultCache, cache_key  # noqa: E402
 from serving.forms import DetectBatchInput, DetectInput  # noqa: E402
+from serving.gateway import build_state, context, logs  # noqa: E402
+from serving.gateway import docs as api_docs  # noqa: E402
+from serving.gateway.middleware import Gateway  # noqa: E402
 from serving.guard import REQUEST_TRAFFIC, RequestGuard  # noqa: E402
 from serving.imaging import DecodedImage, RequestRejected, check_size, decode_image  # noqa: E402
 from serving.jobs import api as jobs_api  # noqa: E402
 from serving.render import draw_detections, encode_jpeg  # noqa: E402
 from serving.runtime import InvalidParams, LetterboxMeta, ModelRuntime, PredictParams  # noqa: E402
 from serving.schemas import DetectResponse, ModelInfo, detect_response, error_response  # noqa: E402
-from serving.settings import load_jobs_config, load_serve_config, ort_threads  # noqa: E402
+from serving.settings import load_gateway_config, load_jobs_config, load_serve_config, ort_threads  # noqa: E402
 
 CFG = load_serve_config()
 JOBS_CFG = load_jobs_config()
+GATEWAY_CFG = load_gateway_config()
+GATEWAY = build_state(GATEWAY_CFG)  # keys, limits, circuit breaker, dependency probes (serving/gateway/)
+logs.configure()
 MODEL = bentoml.models.BentoModel(f"{CFG.model_name}:{CFG.store_version}")  # a class attribute: packed in the bento
 log = logging.getLogger(__name__)
+# While the file this names exists, every inference raises (the circuit breaker's tests; unset in production).
+FAULT_FILE = os.environ.get("DETOPS_FAULT_INFERENCE_FILE", "")
 
 
 @dataclass
@@ -70,6 +79,8 @@ class Detector:
     def __init__(self) -> None:
         from monitoring.logger import PredictionLogger
 
+        GATEWAY.check()  # auth on without DETOPS_KEY_PEPPER: the worker refuses to start, saying why
+
         self.runtime = ModelRuntime.load(Path(self.model.path), threads=ort_threads(CFG))
         self.model_info = served_model()
         metrics.MODEL_INFO.labels(self.model_info.name, self.model_info.version, str(self.model_info.alias),
@@ -84,6 +95,8 @@ class Detector:
         # Ready only once a real inference went through the model.
         size = self.runtime.card.imgsz
         self.runtime.predict([np.full((size, size, 3), 114, np.uint8)])
+        if GATEWAY.monitor is not None:
+            GATEWAY.monitor.start()
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -93,6 +106,8 @@ class Detector:
     def _close(self) -> None:
         self.batcher.close()
         self.pred_log.close()
+        if GATEWAY.monitor is not None:
+            GATEWAY.monitor.stop()
 
     @bentoml.api(route="/detect", input_spec=DetectInput)
     async def detect(self, image: Path, conf: float | None = None, iou: float | None = None,
@@ -144,27 +159,35 @@ class Detector:
         """Decode every file (all must be valid), answer from the cache where possible and run the
         rest through the runtime's steps, batching `infer` across requests; log each prediction with
         the request's traffic (live, or the shadow/canary traffic of a rollout's verification).
-        Raises RequestRejected for bad input (4xx), overload (503) and any failure of the inference (500)."""
+        Raises RequestRejected for bad input (4xx), the key's limits and the tenant's quota (429), overload
+        and an open circuit (503) and any failure of the inference (500)."""
+        tenant = context.current_tenant()
+        GATEWAY.limits.images_now(context.KEY_ID.get(), tenant, len(files))
+        GATEWAY.limits.images_today(tenant, len(files))
         try:
             params = self.runtime.resolve(conf, iou, max_det, classes)
         except InvalidParams as exc:
             raise RequestRejected("unknown_class" if exc.field == "classes" else "invalid_parameter",
                                   str(exc), 422) from None
         # One thread hop per request for the CPU work before inference (decode, hash, cache, letterbox).
-        job = await asyncio.to_thread(self._prepare, files, params)
+        job = await asyncio.to_thread(self._prepare, files, params, tenant)
         if job.batch is not None:
+            GATEWAY.breaker.before()  # 503 circuit_open at once while inference keeps failing
             try:
                 raw = await self.batcher(job.batch)
                 # NMS and calibration in a thread too: the event loop keeps taking requests meanwhile.
                 fresh = await asyncio.to_thread(self.runtime.postprocess, raw, job.metas, params)
             except Overloaded as exc:
-                raise RequestRejected("overloaded", str(exc), 503) from None
+                raise RequestRejected("overloaded", str(exc), 503, retry_after=1) from None
             except InferenceFailed as exc:  # logged with its traceback by the batcher
+                GATEWAY.breaker.failed()
                 raise RequestRejected("inference_failed", f"{exc}; see the server log", 500) from None
             except Exception as exc:  # never a traceback to the client: logged here, a JSON 500 there
+                GATEWAY.breaker.failed()
                 log.exception("inference of %d images failed", len(job.batch))
                 raise RequestRejected("inference_failed", f"the model could not process this request "
                                       f"({type(exc).__name__}: {exc}); see the server log", 500) from None
+            GATEWAY.breaker.succeeded()
             misses = [i for i, dets in enumerate(job.found) if dets is None]
             for i, dets in zip(misses, fresh):
                 job.found[i] = tuple(dets)
@@ -178,18 +201,18 @@ class Detector:
             metrics.observe_detections(dets)
             self.pred_log.log(d.rgb, sha256=d.sha256, request_id=uuid.uuid4().hex, detections=dets,
                               model_name=self.model_info.name, model_version=self.model_info.version,
-                              traffic=REQUEST_TRAFFIC.get())
+                              traffic=REQUEST_TRAFFIC.get(), tenant=tenant)
             results.append((d, list(dets), hit))
         return results
 
-    def _prepare(self, files: list[Path], params: PredictParams) -> _Prepared:
+    def _prepare(self, files: list[Path], params: PredictParams, tenant: str) -> _Prepared:
         """In a worker thread: decode and validate every file, look each up in the cache, letterbox
         the misses into one uint8 (n, S, S, 3) stack."""
         names = [f"images[{i}]" for i in range(len(files))] if len(files) > 1 else ["image"]
         decoded = [self._decode(f, name) for f, name in zip(files, names)]
         job = _Prepared(decoded, found=[None] * len(decoded))
         if self.cache.max_entries:
-            job.keys = [cache_key(d.sha256, self.model_info.version, params) for d in decoded]
+            job.keys = [cache_key(d.sha256, self.model_info.version, params, tenant) for d in decoded]
             job.found = [self.cache.get(k) for k in job.keys]
         job.hits = [dets is not None for dets in job.found]
         misses = [d.rgb for d, hit in zip(decoded, job.hits) if not hit]
@@ -199,6 +222,8 @@ class Detector:
 
     def _infer_letterboxed(self, batch: np.ndarray) -> np.ndarray:
         """Letterboxed RGB uint8 (N, S, S, 3) -> raw model output; runs in the batcher's worker thread."""
+        if FAULT_FILE and os.path.exists(FAULT_FILE):  # fault injection for the degradation tests only
+            raise RuntimeError(f"inference fault injected ({FAULT_FILE} exists)")
         return self.runtime.infer(self.runtime.to_input(batch))
 
     @staticmethod
@@ -219,7 +244,8 @@ class Detector:
     @staticmethod
     def _rejected(exc: RequestRejected) -> JSONResponse:
         (metrics.INFERENCE_ERRORS if exc.status >= 500 else metrics.BAD_INPUT).labels(reason=exc.code).inc()
-        return error_response(exc.code, exc.detail, exc.status)
+        return error_response(exc.code, exc.detail, exc.status, retry_after=exc.retry_after)
+
 
 @functools.cache
 def served_model() -> ModelInfo:
@@ -234,3 +260,25 @@ Detector.add_asgi_middleware(RequestGuard, model_version=lambda: served_model().
     "/detect": (CFG.max_upload_bytes, "serve.max_upload_bytes"), "/render": (CFG.max_upload_bytes, "serve.max_upload_bytes"),
     "/detect_batch": (CFG.max_upload_bytes * CFG.max_batch_images, "serve.max_upload_bytes x serve.max_batch_images"),
     "/jobs": (jobs_api.body_limit(JOBS_CFG), "jobs.max_job_bytes")})
+
+# The gateway (serving/gateway/) wraps everything: request ids, keys and scopes, rates, fast 503s,
+# the JSON /readyz, and detops' own API documentation at / and /docs.json.
+GATEWAY.openapi = lambda: api_docs.openapi_document(Detector.openapi_spec.asdict(), model_version=served_model().version,
+                                                    description=_api_description())
+GATEWAY.index = lambda: api_docs.index_page("detops detection API", f"<pre>{_api_description()}</pre>")
+Detector.add_asgi_middleware(Gateway, state=GATEWAY)
+
+
+def _api_description() -> str:
+    model = served_model()
+    limits = {"upload per image": f"{CFG.max_upload_bytes} bytes (serve.max_upload_bytes)",
+              "pixels per image": f"{CFG.max_pixels} (serve.max_pixels)",
+              "images per /detect_batch": f"{CFG.max_batch_images} (serve.max_batch_images)",
+              "requests per second per key": f"{GATEWAY_CFG.requests_per_s} (gateway.requests_per_s)",
+              "images per second per key": f"{GATEWAY_CFG.images_per_s} (gateway.images_per_s)",
+              "images per day per tenant": f"{GATEWAY_CFG.images_per_day} (gateway.images_per_day, per tenant)",
+              "images per job": f"{min(GATEWAY_CFG.max_job_images, JOBS_CFG.max_images_per_job)} "
+                                "(jobs.max_images_per_job, gateway.max_job_images)",
+              "bytes per job": f"{JOBS_CFG.max_job_bytes} (jobs.max_job_bytes)"}
+    return api_docs.api_description(model=model.name, model_version=model.version, limits=limits,
+                                    auth=GATEWAY_CFG.auth)

@@ -224,3 +224,25 @@ def _jpeg() -> bytes:
     from tests.fixtures import images
 
     return images.jpeg(200, 150, seed=11)
+
+
+def test_access_verbs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """detops keys create|list|revoke and purge --tenant|--expired on an embedded jobs database."""
+    monkeypatch.setenv("DETOPS_DATABASE_URL", f"sqlite:///{workdir / 'access' / 'jobs.db'}")
+    monkeypatch.setenv("DETOPS_KEY_PEPPER", "cli-test-pepper-0123456789")
+    created = ok("keys", "create", "--tenant", "acme", "--scopes", "detect,jobs:read").output.strip().splitlines()
+    key = created[-1]
+    assert key.startswith("dtk_") and " " not in key
+    key_id = key.split("_")[1]
+    listed = ok("keys", "list").output
+    assert key_id in listed and "acme" in listed and key.split("_")[2] not in listed
+    assert f"revoked {key_id}" in ok("keys", "revoke", key_id).output
+    refused("keys", "create", "--tenant", "acme", "--scopes", "detect,root", match="unknown ['root']")
+    refused("keys", "revoke", "000000000000", match="no key")
+    store = str(workdir / "access" / "predictions")
+    assert "tenant acme: purged 0 jobs and 0 prediction records" in ok("purge", "--tenant", "acme",
+                                                                        "--store", store).output
+    ok("purge", "--expired", "--store", store)
+    refused("purge", "--tenant", "acme", "--expired", match="--tenant T")
+    monkeypatch.delenv("DETOPS_KEY_PEPPER")
+    refused("keys", "list", match="DETOPS_KEY_PEPPER")
