@@ -8,9 +8,19 @@ STAMP := $(VENV)/.setup-stamp
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup lock pipeline test test-unit mlflow-ui serve worker loadtest soak bench bench-jobs drift labelstudio loop-demo clean
+.PHONY: k8s-schemas setup lock pipeline test test-unit mlflow-ui serve worker loadtest soak bench bench-jobs drift labelstudio loop-demo clean
 
-setup: $(STAMP)
+# The CRD schemas tests/unit/test_k8s.py validates deploy/k8s against (npm, pinned by package-lock.json).
+K8S_SCHEMAS := deploy/k8s/validate/node_modules/.installed
+
+setup: $(STAMP) $(K8S_SCHEMAS)
+
+k8s-schemas: $(K8S_SCHEMAS)
+
+$(K8S_SCHEMAS): deploy/k8s/validate/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: the Kubernetes manifest test needs node 20 + npm"; exit 1; }
+	npm ci --prefix deploy/k8s/validate --no-audit --no-fund --loglevel=error
+	@touch $@
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -88,7 +98,7 @@ labelstudio: setup
 	$(PY) -c "from monitoring.labelstudio_server import ensure_installed; ensure_installed()"
 
 loop-demo: labelstudio
-	$(PY) -m tests.integration.loop_demo
+	$(PY) -m monitoring.loop
 
 clean:
-	rm -rf $(VENV) .venv-labelstudio .cache
+	rm -rf $(VENV) .venv-labelstudio .cache deploy/k8s/validate/node_modules

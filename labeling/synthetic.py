@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import string
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -267,13 +268,24 @@ def _unit_polygon(shape: str) -> np.ndarray:
         corners = {"circle": 72, "triangle": 3, "hexagon": 6}[shape]
         angles = -np.pi / 2 + np.arange(corners) * 2 * np.pi / corners
         radii = np.ones(corners)
-    return np.stack([radii * np.cos(angles), radii * np.sin(angles)], axis=1)
+    return np.stack([radii * _cos(angles), radii * _sin(angles)], axis=1)
+
+
+def _cos(values: np.ndarray) -> np.ndarray:
+    """Cosine by the C library, one value at a time: numpy's vectorised transcendental functions
+    differ in the last bits between instruction sets (AVX2 vs AVX-512), the scalar libm does not."""
+    return np.array([math.cos(float(v)) for v in np.ravel(values)], dtype=np.float64).reshape(np.shape(values))
+
+
+def _sin(values: np.ndarray) -> np.ndarray:
+    """Sine by the C library (see `_cos`)."""
+    return np.array([math.sin(float(v)) for v in np.ravel(values)], dtype=np.float64).reshape(np.shape(values))
 
 
 def _rotation(degrees: float) -> np.ndarray:
     # Image coordinates (y down): a positive angle turns clockwise on screen, as in Label Studio.
-    t = np.deg2rad(degrees)
-    return np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
+    t = math.radians(float(degrees))
+    return np.array([[math.cos(t), -math.sin(t)], [math.sin(t), math.cos(t)]])
 
 
 def _box(polygon: np.ndarray, width: int, height: int) -> Box:
@@ -309,7 +321,7 @@ def _layout(cfg: SynthesizeConfig, width: int, height: int, streams: dict[str, n
         else:
             extent = size_rng.uniform(*SIZE_RANGE) * short
         squeeze = rng.uniform(-0.35, 0.35) if shape in ("square", "circle") else rng.uniform(-0.15, 0.15)
-        hx, hy = extent / 2 * np.exp(squeeze / 2), extent / 2 * np.exp(-squeeze / 2)
+        hx, hy = extent / 2 * math.exp(squeeze / 2), extent / 2 * math.exp(-squeeze / 2)
         angle = 0.0 if shape == "square" else rng.uniform(0, 360)
         local = _unit_polygon(shape) * [hx, hy] @ _rotation(angle).T
         # The centre may sit near a border: at most about a fifth of the object leaves the image.
@@ -365,27 +377,31 @@ def _background(width: int, height: int, rng: np.random.Generator, family: str) 
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
     if family == "checkerboard":  # only for the `background` shift
         tile = rng.uniform(6, 18)
-        t = np.deg2rad(rng.uniform(0, 90))
-        u, v = xx * np.cos(t) + yy * np.sin(t), -xx * np.sin(t) + yy * np.cos(t)
+        t = math.radians(rng.uniform(0, 90))
+        u, v = xx * math.cos(t) + yy * math.sin(t), -xx * math.sin(t) + yy * math.cos(t)
         mask = ((np.floor(u / tile) + np.floor(v / tile)) % 2)[..., None]
         return muted() * mask + muted() * (1 - mask)
     if family == "gradient":
-        t = np.deg2rad(rng.uniform(0, 360))
-        ramp = xx * np.cos(t) + yy * np.sin(t)
+        t = math.radians(rng.uniform(0, 360))
+        ramp = xx * math.cos(t) + yy * math.sin(t)
         ramp = ((ramp - ramp.min()) / max(float(np.ptp(ramp)), 1.0))[..., None]
         return muted() * ramp + muted() * (1 - ramp)
     if family == "stripes":
-        t = np.deg2rad(rng.uniform(0, 180))
-        wave = 0.5 + 0.5 * np.sin((xx * np.cos(t) + yy * np.sin(t)) * 2 * np.pi / rng.uniform(8, 40))
+        t = math.radians(rng.uniform(0, 180))
+        # Periods, then a sine table: only exact IEEE arithmetic (no vectorised sin) touches the pixels.
+        periods = (xx * math.cos(t) + yy * math.sin(t)) / np.float32(rng.uniform(8, 40))
+        phase = ((periods - np.floor(periods)) * _SINE_STEPS).astype(np.int64) % _SINE_STEPS
+        wave = 0.5 + 0.5 * _sine_table()[phase]
         return muted() * wave[..., None] + muted() * (1 - wave[..., None])
     if family == "blotches":
-        canvas = np.empty((height, width, 3), np.float32)
+        canvas = np.empty((height, width, 3), np.uint8)  # muted colours are whole numbers
         canvas[:] = muted()
         for _ in range(int(rng.integers(8, 25))):
             centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
             axes = (int(rng.integers(5, width // 3)), int(rng.integers(5, height // 3)))
             cv2.ellipse(canvas, centre, axes, float(rng.uniform(0, 180)), 0, 360, muted().tolist(), -1)
-        return cv2.GaussianBlur(canvas, (0, 0), rng.uniform(3, 8))
+        # OpenCV's 8-bit Gaussian blur is fixed-point (bit-exact on every CPU); its float one is not.
+        return cv2.GaussianBlur(canvas, (0, 0), rng.uniform(3, 8)).astype(np.float32)
     # "noise": smooth value noise, mostly in brightness with a little colour (strong chroma would mimic
     # the objects' colours)
     coarse = rng.normal(0, 1, (max(height // 16, 2), max(width // 16, 2), 3)).astype(np.float32)
@@ -418,8 +434,30 @@ def _clutter(canvas: np.ndarray, rng: np.random.Generator, count: int) -> None:
             angles = np.sort(rng.uniform(0, 2 * np.pi, n))
             radius = rng.uniform(0.02, 0.08) * min(width, height) * rng.uniform(0.4, 1.0, n)
             centre = rng.uniform([0, 0], [width, height])
-            blob = centre + np.stack([radius * np.cos(angles), radius * np.sin(angles)], axis=1)
+            blob = centre + np.stack([radius * _cos(angles), radius * _sin(angles)], axis=1)
             cv2.fillPoly(canvas, [_fixed(blob)], colour, cv2.LINE_AA, shift=4)
+
+
+_SINE_STEPS = 4096  # entries per period of the stripes' sine table
+
+
+@lru_cache(maxsize=1)
+def _sine_table() -> np.ndarray:
+    return np.array([math.sin(2 * math.pi * k / _SINE_STEPS) for k in range(_SINE_STEPS)], dtype=np.float32)
+
+
+def _tone_curve(canvas: np.ndarray, contrast: float, brightness: float, gamma: float) -> np.ndarray:
+    """Contrast about the image mean, brightness and gamma as a 256-entry float32 lookup table.
+
+    The image's pixels are uint8, so a table computed with scalar double arithmetic (an exact integer
+    mean, the C library's pow) gives the same bytes on every CPU; numpy's vectorised float mean and
+    power differ in the last bits between AVX2 and AVX-512 and so did the JPEGs."""
+    mean = int(canvas.sum(dtype=np.int64)) / canvas.size
+    table = []
+    for value in range(256):
+        level = min(max((value - mean) * contrast + mean + brightness, 0.0), 255.0)
+        table.append(255 * math.pow(level / 255, gamma))
+    return np.array(table, dtype=np.float32)
 
 
 def _render(cfg: SynthesizeConfig, index: int, plan: dict[int, str]) -> SyntheticImage:
@@ -442,12 +480,10 @@ def _render(cfg: SynthesizeConfig, index: int, plan: dict[int, str]) -> Syntheti
 
     # Lighting: contrast, brightness, gamma and a soft shading ramp across the image.
     light = streams["light"]
-    img = canvas.astype(np.float32)
-    img = (img - img.mean()) * light.uniform(0.75, 1.2) + img.mean() + light.uniform(-25, 25)
-    img = 255 * (np.clip(img, 0, 255) / 255) ** light.uniform(0.8, 1.25)
-    t = np.deg2rad(light.uniform(0, 360))
+    img = _tone_curve(canvas, light.uniform(0.75, 1.2), light.uniform(-25, 25), light.uniform(0.8, 1.25))[canvas]
+    t = math.radians(light.uniform(0, 360))
     yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
-    ramp = (xx - width / 2) * np.cos(t) / width + (yy - height / 2) * np.sin(t) / height
+    ramp = (xx - width / 2) * math.cos(t) / width + (yy - height / 2) * math.sin(t) / height
     img *= (1 + light.uniform(0, 0.4) * ramp)[..., None]
     noise = streams["noise"]
     img += noise.normal(0, noise.uniform(2, 7), img.shape).astype(np.float32)
@@ -456,7 +492,9 @@ def _render(cfg: SynthesizeConfig, index: int, plan: dict[int, str]) -> Syntheti
     if cfg.shift == "dark":
         img = img * shift.uniform(0.2, 0.35)
     elif cfg.shift == "blur":
-        img = cv2.GaussianBlur(img, (0, 0), shift.uniform(2.0, 3.5) * min(width, height) / 256)
+        # On 8-bit pixels: OpenCV's 8-bit Gaussian blur is bit-exact across CPUs, the float one is not.
+        img = cv2.GaussianBlur(np.clip(img, 0, 255).astype(np.uint8), (0, 0),
+                               shift.uniform(2.0, 3.5) * min(width, height) / 256)
     image = np.clip(img, 0, 255).astype(np.uint8)
 
     truth = ImageTruth(width, height, [

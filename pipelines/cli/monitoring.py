@@ -46,13 +46,15 @@ def drift(
     out: Annotated[Optional[Path], typer.Option(help="report folder")] = None,
     last_n: Annotated[Optional[int], typer.Option("--last-n", help="window: the last N logged images")] = None,
     since: Annotated[Optional[str], typer.Option(help="window: logged since this ISO time")] = None,
+    model_version: Annotated[Optional[str], typer.Option("--model-version",
+                                                         help="window: only this model version's records")] = None,
 ) -> None:
     """Evidently drift report of a window of the prediction log vs the reference; exit 3 on drift."""
     from monitoring.drift import run_drift
 
     serve = load_section(ServeConfig)
     cfg = load_section(DriftConfig, store=store, reference=reference, out=out, window_last_n=last_n,
-                       window_since=since)
+                       window_since=since, model_version=model_version)
     result = run_drift(cfg, model_name=serve.model_name, alias=serve.alias)
     typer.echo(f"no drift: {result.n_drifted}/{result.n_columns} columns drifted "
                f"(share {result.drifted_share:.2f} < {cfg.drift_share}), window {result.window} "

@@ -330,6 +330,12 @@ def test_cli_status_and_watcher_following_champion(project: Path, versions: dict
     assert [r["trigger"] for r in body["rollouts"][:2]] == ["watcher", "watcher"]
     refused = CliRunner().invoke(app, ["deploy", "rollout", "999"])
     assert refused.exit_code == 1 and "no version 999" in refused.output
+    # The smoke check on its own (on Kubernetes, the pre-promotion analysis Job), through the front door:
+    # the live version passes; a version it does not serve is named, before anything is sent.
+    smoked = CliRunner().invoke(app, ["deploy", "smoke", "--url", _front_door(), "--version", v1])
+    assert smoked.exit_code == 0 and f"serves v{v1}" in smoked.output, smoked.output
+    wrong = CliRunner().invoke(app, ["deploy", "smoke", "--url", _front_door(), "--version", v2])
+    assert wrong.exit_code == 1 and f"serves version '{v1}', expected '{v2}'" in wrong.output, wrong.output
     assert CliRunner().invoke(app, ["deploy", "retire", "green"]).output == ""  # nothing warm to retire now
 
 

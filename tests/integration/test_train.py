@@ -124,6 +124,40 @@ def test_retraining_replaces_the_model_and_drops_a_stale_calibrator(yolo_dataset
     assert (tmp_path / "report" / "results.csv").is_file()
 
 
+@pytest.mark.integration
+def test_training_uses_every_core_and_its_workers_and_repeats_exactly(yolo_dataset: Path, mlflow_uri: str,
+                                                                      tmp_path: Path, monkeypatch) -> None:
+    # ultralytics sets torch to cpu_count - 1 threads and forces 0 dataloader workers on CPU; detops
+    # undoes both. Twice the same params on the same machine: the same losses and metrics.
+    import torch
+
+    import training.train as train_module
+
+    seen: list[tuple[int, int]] = []
+    real_setup = train_module._cpu_setup
+
+    def watched(workers: int):
+        setup = real_setup(workers)
+
+        def both(trainer) -> None:  # noqa: ANN001
+            setup(trainer)
+            trainer.add_callback("on_train_epoch_start",
+                                 lambda t: seen.append((torch.get_num_threads(), t.train_loader.num_workers)))
+        return both
+
+    monkeypatch.setattr(train_module, "_cpu_setup", watched)
+    curves = []
+    for attempt in range(2):
+        run = tmp_path / str(attempt)
+        train_module.train(TrainConfig(dataset=yolo_dataset, out=run / "models", imgsz=32, epochs=1, batch=8,
+                                       workers=2, experiment="tests", runs=run / "runs", report=run / "report"))
+        lines = (run / "report" / "results.csv").read_text().splitlines()
+        header = lines[0].split(",")
+        curves.append([{k: v for k, v in zip(header, line.split(",")) if "time" not in k} for line in lines[1:]])
+    assert seen == [(train_module.usable_cores(), 2)] * 2
+    assert curves[0] == curves[1]
+
+
 def test_bad_config_fails_before_any_run(yolo_dataset: Path, tmp_path: Path) -> None:
     """Each mistake is a one-line DetopsError naming it, and the model folder is left alone."""
     from training.train import train

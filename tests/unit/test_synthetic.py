@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import platform
+import subprocess
+import sys
 import math
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -305,3 +309,30 @@ def test_cli_synthesize(tmp_path: Path) -> None:
     message = bad.stderr.strip() if bad.stderr_bytes is not None else bad.output.strip()
     assert len(message.splitlines()) == 1 and "synthesize.shift" in message and "Traceback" not in message
     assert not (tmp_path / "q").exists()
+
+
+# Every SIMD level numpy and OpenCV may dispatch to on x86-64 beyond the baseline: turned off, the
+# generator must write the same bytes (the data was once different on AVX2 and AVX-512 machines).
+_NO_SIMD = {
+    "NPY_DISABLE_CPU_FEATURES": "SSSE3 SSE41 POPCNT SSE42 AVX F16C FMA3 AVX2 AVX512F AVX512CD AVX512_KNL "
+                                "AVX512_KNM AVX512_SKX AVX512_CLX AVX512_CNL AVX512_ICL AVX512_SPR",
+    "OPENCV_CPU_DISABLE": "SSSE3,SSE4_1,POPCNT,SSE4_2,AVX,FP16,FMA3,AVX2,AVX_512F,AVX512_SKX,AVX512_ICL",
+}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
+@pytest.mark.parametrize("shift", [None, "blur", "background"])
+def test_same_bytes_whatever_the_instruction_set(shift: str | None, tmp_path: Path) -> None:
+    cfg = {**SMALL, "n_images": 24, "min_side": 256, "max_side": 416, "shift": shift}
+    native = synthesize(SynthesizeConfig(out=tmp_path / "native", **cfg))
+    script = ("import sys; from pathlib import Path; from labeling.synthetic import synthesize; "
+              "from pipelines.config.data import SynthesizeConfig; "
+              f"synthesize(SynthesizeConfig(out=Path(sys.argv[1]), **{cfg!r}))")
+    env = {**os.environ, **_NO_SIMD, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "plain")], env=env, check=True,
+                   capture_output=True, timeout=300)
+    files = sorted(p.relative_to(native) for p in native.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(tmp_path / "plain") for p in (tmp_path / "plain").rglob("*")
+                                     if p.is_file())
+    for rel in files:
+        assert (native / rel).read_bytes() == (tmp_path / "plain" / rel).read_bytes(), rel
