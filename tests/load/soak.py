@@ -135,6 +135,9 @@ def _soak(args: argparse.Namespace, tmp: Path) -> int:
         finally:
             sampler.stop()
             worker.stop()
+    series = [{"t_s": round(t - sampler.samples[0][0], 1), "rss_mb": {k: round(v / 2**20, 1) for k, v in rss.items()}}
+              for t, rss in sampler.samples]
+    (args.out / "soak_rss.json").write_text(json.dumps(series))  # to tell a plateau from a leak
     return _report(args.out, sampler.growth(warmup_s=min(60, seconds / 6)))
 
 
