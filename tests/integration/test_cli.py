@@ -245,7 +245,7 @@ def test_access_verbs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert key.startswith("dtk_") and " " not in key
     key_id = key.split("_")[1]
     listed = ok("keys", "list").output
-    assert key_id in listed and "acme" in listed and key.split("_")[2] not in listed
+    assert key_id in listed and "acme" in listed and key.split("_", 2)[2] not in listed
     assert f"revoked {key_id}" in ok("keys", "revoke", key_id).output
     refused("keys", "create", "--tenant", "acme", "--scopes", "detect,root", match="unknown ['root']")
     refused("keys", "revoke", "000000000000", match="no key")
