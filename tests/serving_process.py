@@ -44,6 +44,25 @@ def service_env(workdir: Path, overrides: Mapping[str, str] | None = None) -> di
             "DETOPS_GATEWAY_AUTH": "false", **(overrides or {})}
 
 
+def auth_overrides(workdir: Path) -> dict[str, str]:
+    """Overrides that turn authentication on for a private service, its keys in a private job store."""
+    return {"DETOPS_GATEWAY_AUTH": "true", "DETOPS_DATABASE_URL": f"sqlite:///{workdir / 'jobs.db'}"}
+
+
+def mint_key(env: Mapping[str, str], tenant: str = "tests", scopes: str = "detect,jobs:write,jobs:read") -> str:
+    """A new API key in the job store of `env` (DETOPS_DATABASE_URL, DETOPS_KEY_PEPPER), as
+    `detops keys create` makes it; returns the key."""
+    from serving.gateway.keys import KeyStore, pepper
+    from serving.jobs.store import JobStore
+
+    store = JobStore(env["DETOPS_DATABASE_URL"])
+    try:
+        store.create_schema()
+        return KeyStore(store, pepper(env)).create(tenant, scopes, "tests")[1]
+    finally:
+        store.close()
+
+
 def import_model(model_dir: Path, env: Mapping[str, str]) -> str:
     """`detops build --model-dir MODEL_DIR --no-bento` into env's BENTOML_HOME; returns its output."""
     built = subprocess.run([sys.executable, "-m", "pipelines.cli", "build", "--model-dir", str(model_dir),

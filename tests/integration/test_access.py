@@ -181,7 +181,7 @@ def test_revoked_key_is_refused_by_the_running_service(stack: Stack) -> None:
     assert stack.call("GET", "/jobs/" + "0" * 32, key).status_code == 404  # accepted (no such job)
     key_id = key.split("_")[1]
     listed = stack.cli("keys", "list", "--tenant", "revoked").stdout
-    assert key_id in listed and "active" in listed and key.split("_")[2] not in listed
+    assert key_id in listed and "active" in listed and key.split("_", 2)[2] not in listed
     stack.cli("keys", "revoke", key_id)
     wait_until(lambda: stack.call("GET", "/jobs/" + "0" * 32, key).status_code == 401, timeout_s=15,
                what="the revoked key refused (gateway.key_cache_ttl_s = 1)")
@@ -306,6 +306,17 @@ def test_schemathesis_over_every_operation(stack: Stack) -> None:
     assert done.returncode == 0, out[-6000:]
     tested = re.search(r"Tested:\s+(\d+)", out)
     assert tested and int(tested.group(1)) == 10, out[-3000:]  # every operation, none refused as invalid
+    # At least 50 requests per operation that takes input, counted independently in the service's access log.
+    per_route: dict[tuple[str, str], int] = {}
+    for line in stack.log.read_text(errors="replace").splitlines():
+        if line.startswith('{"ts"') and '"tenant": "fuzz"' in line:
+            record = json.loads(line)
+            route = re.sub(r"^/jobs/[^/]+", "/jobs/{id}", record["path"])
+            per_route[(record["method"], route)] = per_route.get((record["method"], route), 0) + 1
+    print(per_route)
+    for op in (("POST", "/detect"), ("POST", "/detect_batch"), ("POST", "/render"), ("POST", "/jobs"),
+               ("GET", "/jobs/{id}"), ("GET", "/jobs/{id}/results"), ("DELETE", "/jobs/{id}")):
+        assert per_route.get(op, 0) >= 50, (op, per_route)
 
 
 def test_no_key_or_image_bytes_in_any_log_line(stack: Stack) -> None:
@@ -313,7 +324,7 @@ def test_no_key_or_image_bytes_in_any_log_line(stack: Stack) -> None:
     text = stack.log.read_text(errors="replace")
     assert stack.keys
     for key in stack.keys:
-        assert key not in text and key.split("_")[2] not in text
+        assert key not in text and key.split("_", 2)[2] not in text
     for marker in ("JFIF", "\x89PNG", "/9j/"):  # JPEG/PNG headers, raw or base64
         assert marker not in text, marker
     access = [json.loads(line) for line in text.splitlines() if line.startswith('{"ts"')]

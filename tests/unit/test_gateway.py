@@ -48,7 +48,7 @@ def test_keys_are_stored_hashed_and_revocable(keys: KeyStore, tmp_path: Path) ->
     record, key = keys.create("acme", "detect,jobs:read", "ci")
     assert key_id_of(key) == record.key_id and record.scopes == {"detect", "jobs:read"}
     raw = (tmp_path / "jobs.db").read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("jobs.db-*"))
-    assert key.encode() not in raw and key.split("_")[-1].encode() not in raw  # only the hash is stored
+    assert key.encode() not in raw and key.split("_", 2)[2].encode() not in raw  # only the hash is stored
     assert hash_key(key, PEPPER).encode() in raw
     assert keys.lookup(key).tenant == "acme"
     assert keys.lookup(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
@@ -201,3 +201,62 @@ def test_json_log_lines_carry_request_context() -> None:
     context.RequestContextFilter().filter(record)
     line = json.loads(JsonFormatter().format(record))
     assert line["request_id"] == "r1" and line["tenant"] == "acme" and line["path"] == "/detect"
+
+
+def _asgi(state, scope_extra: dict, body_chunks: list[bytes] | None = None, delay_s: float = 0.0) -> tuple[int, dict]:
+    """Run one request through the Gateway middleware in front of an app that reads the whole body."""
+    import asyncio
+
+    from serving.gateway.middleware import Gateway
+
+    seen: dict = {}
+
+    async def app(scope, receive, send) -> None:  # noqa: ANN001
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                seen["disconnected"] = True
+                break
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    chunks = list(body_chunks or [b""])
+
+    async def receive() -> dict:
+        await asyncio.sleep(delay_s)
+        chunk = chunks.pop(0) if chunks else b""
+        return {"type": "http.request", "body": chunk, "more_body": bool(chunks)}
+
+    statuses: list[int] = []
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    scope = {"type": "http", "method": "POST", "path": "/detect", "headers": [], "server": ("127.0.0.1", 3000),
+             "client": ("127.0.0.1", 5555), **scope_extra}
+    asyncio.run(Gateway(app, state)(scope, receive, send))
+    return statuses[0], seen
+
+
+def _state(**cfg: object):  # noqa: ANN202
+    from serving.gateway.middleware import GatewayState
+
+    return GatewayState(GatewayConfig(auth=False, **cfg), keys=None, limits=Limits(GatewayConfig(), environ={}),
+                        monitor=None)
+
+
+def test_auth_off_serves_loopback_only() -> None:
+    assert _asgi(_state(), {})[0] == 200
+    assert _asgi(_state(), {"server": ("10.1.2.3", 3000)})[0] == 503  # bound to a network address
+    assert _asgi(_state(), {"client": ("192.168.0.9", 4000)})[0] == 503  # a client from the network
+
+
+def test_a_stalled_body_is_cut_and_uploads_are_bounded() -> None:
+    status, seen = _asgi(_state(body_timeout_s=0.05), {}, [b"a", b"b"], delay_s=0.2)
+    assert status == 200 and seen.get("disconnected")  # the app saw a disconnect, not a hang
+    state = _state(max_concurrent_uploads=1)
+    state.uploads = 1  # one upload already being received by this worker
+    assert _asgi(state, {})[0] == 503
