@@ -1,6 +1,7 @@
 """`detops evaluate`: the served artifact (ONNX + serving's pre/post-processing) on the val and test
-splits and on the named slices (evaluation/slices.py) -> COCO metrics, a calibrator fitted on val (written next to the model), D-ECE before/after on
-test, latency, plots and plot data for DVC, all logged to the training run in MLflow."""
+splits and on the named slices (evaluation/slices.py) -> COCO metrics, a calibrator fitted on val
+(written next to the model), D-ECE before/after on test, latency, plots and plot data for DVC, all
+logged to the training run in MLflow."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,7 @@ class LoopResult:
     rollout: dict[str, Any] = field(default_factory=dict)
     drift: dict[str, DriftSummary] = field(default_factory=dict)
     live_after: str = ""
+    refused: dict[str, Any] = field(default_factory=dict)  # the few-label challenger (loop.few_labels)
     steps: list[tuple[str, float]] = field(default_factory=list)  # (step, seconds)
     seconds: float = 0.0
 
@@ -96,7 +97,7 @@ class LoopResult:
         return {
             "map50_95": self.map50_95, "gates_passed": self.gates_passed, "gates": self.gate_checks,
             "champion_before": self.champion_before, "challenger": self.challenger, "live_after": self.live_after,
-            "rollout": self.rollout,
+            "rollout": self.rollout, "few_labels": self.refused,
             "drift": {k: {"detected": d.detected, "drifted_share": d.drifted_share,
                           "prediction_drifted_share": d.prediction_drifted_share, "drifted": d.drifted,
                           "calm": d.calm, "window": d.window, "model_version": d.version}
@@ -206,14 +207,36 @@ def run_loop(cfg: LoopConfig, base: Base, say: Callable[[str], None] = print) ->
             pulled = _label(cfg, work, store, v1, truth, result, say)
             t = _timed(result, "label studio", t)
 
-            challenger = _retrain(cfg, base, work, pulled, result, say)
-            t = _timed(result, "retrain + evaluate", t)
-            report = _register_challenger(cfg, work, challenger, result, say)
-            t = _timed(result, "register challenger", t)
-
             from deploy.watch import Watcher
 
-            line = Watcher(deployer, say=lambda s: say(f"   watcher: {s}")).check()
+            watcher = Watcher(deployer, say=lambda s: say(f"   watcher: {s}"))
+            # The full batch first: its held-out slice is the target of both challengers (the few-label
+            # subset holds out the same images by the same content-hash rule, so none is trained on).
+            model_all, ds_all, attempt_all = _retrain(cfg, base, work, pulled, "all", result.batch_id, lambda _: None)
+            target = work / "slice-all"
+            if cfg.few_labels:
+                held = set(json.loads((target / "slice.json").read_text())["content_hashes"])
+                few = subset_export(pulled, cfg.few_labels, held, work / "pulled-few")
+                say(f"7a. a challenger from only {cfg.few_labels} of the labels:")
+                model_few, ds_few, attempt_few = _retrain(cfg, base, work, few, "few", result.batch_id + "-few", say)
+                report_few = _register_challenger(cfg, work, model_few, ds_few, target, "few", attempt_few, say)
+                line = watcher.check()
+                attempt_few.champion_after = str(report_few.champion_after)
+                result.refused = {**asdict(attempt_few), "live_after": deployer.state.stack().live_version,
+                                  "watcher": line}
+                say(f"    watcher: {line}")
+                t = _timed(result, "challenger from few labels", t)
+            say(f"7b. a challenger from all {attempt_all.labels} labels:")
+            say(f"   ingest old + {attempt_all.labels} new labels: {attempt_all.held_out} feedback images held out as "
+                f"the `{TARGET}` slice, {attempt_all.trained_on} to train; validate, augment x{cfg.augment_copies}, "
+                f"fine-tuned {cfg.finetune_epochs} epochs from v{result.champion_before}'s weights")
+            report = _register_challenger(cfg, work, model_all, ds_all, target, "all", attempt_all, say)
+            result.held_out, result.trained_on = attempt_all.held_out, attempt_all.trained_on
+            result.challenger, result.gates_passed = attempt_all.version, attempt_all.gates_passed
+            result.gate_checks, result.map50_95 = attempt_all.checks, attempt_all.map50_95
+            t = _timed(result, "challenger from all labels", t)
+
+            line = watcher.check()
             last = deployer.state.rollouts(1)
             live = deployer.state.stack().live_version
             result.live_after = live or ""
@@ -386,10 +409,47 @@ def _label(cfg: LoopConfig, work: Path, store: Path, version: str, truth: dict[s
     return exported
 
 
-def _retrain(cfg: LoopConfig, base: Base, work: Path, pulled: Path, result: LoopResult,
-             say: Callable[[str], None]) -> Path:
-    """Ingest old + new (the feedback's held-out part becomes the target slice), validate, augment,
-    fine-tune from the champion's weights; returns the new model folder."""
+@dataclass
+class Attempt:
+    """One challenger: what it was trained on and what the gates said."""
+
+    labels: int
+    held_out: int
+    trained_on: int
+    version: str = ""
+    gates_passed: bool = False
+    checks: dict[str, Any] = field(default_factory=dict)
+    map50_95: dict[str, dict[str, float]] = field(default_factory=dict)
+    champion_after: str = ""
+
+
+def subset_export(export: Path, n: int, held_out: set[str], out: Path) -> Path:
+    """The batch as if fewer labels had come back: every held-out task of `export` (content hashes
+    `held_out`, so the few-label ingest holds out the very same slice) plus the first `n` other tasks
+    by id. Written as `out/export.json`, images and labeling config beside."""
+    from labeling.studio import resolve_image
+    from pipelines.environment import cache_dir
+
+    kept, trainable = [], 0
+    for task in sorted(json.loads(export.read_text()), key=lambda t: t["id"]):
+        source = resolve_image(task["data"]["image"], export.parent, cache_dir() / "ingest-http")
+        if hashlib.sha256(source.read_bytes()).hexdigest() in held_out:
+            kept.append(task)
+        elif trainable < n:
+            kept.append(task)
+            trainable += 1
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / "images").exists():
+        (out / "images").symlink_to((export.parent / "images").resolve())
+    shutil.copy2(export.parent / "labeling_config.xml", out / "labeling_config.xml")
+    (out / "export.json").write_text(json.dumps(kept))
+    return out / "export.json"
+
+
+def _retrain(cfg: LoopConfig, base: Base, work: Path, export: Path, name: str, batch_id: str,
+             say: Callable[[str], None]) -> tuple[Path, Path, Attempt]:
+    """Ingest old + new (a share of the feedback held out as a slice: `work/slice-<name>`), validate,
+    augment, fine-tune from the champion's weights; returns (model folder, dataset, attempt)."""
     from labeling.ingest import ingest
     from pipelines.config.data import AugmentConfig, HoldoutConfig, IngestConfig, MinInstances, ValidateConfig
     from pipelines.config.model import TrainConfig
@@ -399,51 +459,62 @@ def _retrain(cfg: LoopConfig, base: Base, work: Path, pulled: Path, result: Loop
     from training.train import train
     from training.validate import validate
 
-    report = ingest(IngestConfig(export=[base.raw / "export.json", pulled],
-                                 labeling_config=base.raw / "labeling_config.xml", out=work / "ds1",
-                                 holdout=HoldoutConfig(exports=[pulled], fraction=cfg.holdout_fraction,
-                                                       out=work / "slice")))
-    result.held_out = len(YoloDataset.load(work / "slice").images("test"))
-    result.trained_on = result.annotated - result.held_out
-    validate(ValidateConfig(dataset=work / "ds1", report=work / "validate",
+    labels = len(json.loads(export.read_text()))
+    dataset = work / f"ds-{name}"
+    report = ingest(IngestConfig(export=[base.raw / "export.json", export],
+                                 labeling_config=base.raw / "labeling_config.xml", out=dataset,
+                                 holdout=HoldoutConfig(exports=[export], fraction=cfg.holdout_fraction,
+                                                       out=work / f"slice-{name}")))
+    held = len(YoloDataset.load(work / f"slice-{name}").images("test"))
+    attempt = Attempt(labels=labels, held_out=held, trained_on=labels - held)
+    validate(ValidateConfig(dataset=dataset, report=work / f"validate-{name}",
                             min_instances_per_class=MinInstances(train=1, val=0, test=0)))
-    augment(AugmentConfig(dataset=work / "ds1", out=work / "aug1", report=work / "augment", copies=cfg.augment_copies))
-    say(f"7. ingest old + new: {report.images_written} images; {result.held_out} feedback images held out as "
-        f"the `{TARGET}` slice, {result.trained_on} to train; validate, augment x{cfg.augment_copies}, fine-tune "
-        f"{cfg.finetune_epochs} epochs from v{result.champion_before}'s weights")
-    train(TrainConfig(dataset=work / "aug1", out=work / "model1", imgsz=cfg.imgsz, epochs=cfg.finetune_epochs,
-                      batch=cfg.batch, workers=0, experiment=cfg.experiment, runs=work / "runs", report=work / "train1",
-                      weights=base.model_dir / WEIGHTS_FILE, tags={"detops.feedback_batch": result.batch_id}))
-    return work / "model1"
+    augment(AugmentConfig(dataset=dataset, out=work / f"aug-{name}", report=work / f"augment-{name}",
+                          copies=cfg.augment_copies))
+    say(f"   ingest old + {labels} new labels: {report.images_written} images, {held} feedback images held out, "
+        f"{labels - held} to train; validate, augment x{cfg.augment_copies}, fine-tune {cfg.finetune_epochs} "
+        f"epochs from the champion's weights")
+    train(TrainConfig(dataset=work / f"aug-{name}", out=work / f"model-{name}", imgsz=cfg.imgsz,
+                      epochs=cfg.finetune_epochs, lr0=cfg.finetune_lr0, batch=cfg.batch, workers=0,
+                      experiment=cfg.experiment, runs=work / "runs", report=work / f"train-{name}",
+                      weights=base.model_dir / WEIGHTS_FILE, tags={"detops.feedback_batch": batch_id},
+                      # No warm-up: its high bias learning rate (ultralytics' warmup_bias_lr 0.1) wipes out
+                      # the champion's detection head in the first epoch (measured: mAP 0.34 -> 0.00).
+                      hyp={"warmup_epochs": 0}))
+    return work / f"model-{name}", dataset, attempt
 
 
-def _register_challenger(cfg: LoopConfig, work: Path, model_dir: Path, result: LoopResult,
-                         say: Callable[[str], None]) -> Any:
-    """Evaluate the new model on the base split and the target slice, register it through the gates."""
+def _register_challenger(cfg: LoopConfig, work: Path, model_dir: Path, dataset: Path, target: Path, name: str,
+                         attempt: Attempt, say: Callable[[str], None]) -> Any:
+    """Evaluate the new model on the base split and the target slice `target`, register it through the
+    gates; fills `attempt`."""
     from evaluation.evaluate import evaluate
     from evaluation.register import register
     from pipelines.config.model import RegisterConfig
 
-    slices = {TARGET: {"dataset": work / "slice", "split": "test"}}
-    evaluate_cfg = _evaluate_cfg(cfg, model_dir, work / "ds1", work / "evaluate1", slices)
+    slices = {TARGET: {"dataset": target, "split": "test"}}
+    evaluation = work / f"evaluate-{name}"
+    evaluate_cfg = _evaluate_cfg(cfg, model_dir, dataset, evaluation, slices)
     evaluate(evaluate_cfg)
-    report = register(RegisterConfig(model_name=cfg.model_name, model_dir=model_dir, evaluation=work / "evaluate1",
-                                     dataset=work / "ds1", gates=_gates(cfg, [TARGET])), evaluate_cfg)
-    base, target = report.comparison, report.slices[TARGET]
-    result.challenger, result.gates_passed = str(report.version), report.passed
-    result.gate_checks = {c.name: {"passed": c.passed, "value": c.value, "threshold": c.threshold}
-                          for c in report.checks}
-    result.map50_95 = {"base": {"before": base.champion_map50_95, "after": base.challenger_map50_95},
-                       "target": {"before": target.champion_map50_95, "after": target.challenger_map50_95}}
+    report = register(RegisterConfig(model_name=cfg.model_name, model_dir=model_dir, evaluation=evaluation,
+                                     dataset=dataset, gates=_gates(cfg, [TARGET])), evaluate_cfg)
+    base, sliced = report.comparison, report.slices[TARGET]
+    attempt.version, attempt.gates_passed = str(report.version), report.passed
+    attempt.champion_after = str(report.champion_after)
+    attempt.checks = {c.name: {"passed": c.passed, "value": c.value, "threshold": c.threshold} for c in report.checks}
+    attempt.map50_95 = {"base": {"before": base.champion_map50_95, "after": base.challenger_map50_95},
+                        "target": {"before": sliced.champion_map50_95, "after": sliced.challenger_map50_95}}
     failed = [c.name for c in report.checks if not c.passed]
     say(f"   base split mAP@.5:.95 {base.champion_map50_95:.3f} -> {base.challenger_map50_95:.3f} "
         f"(delta {base.delta:+.3f}, CI [{base.ci_low:+.3f}, {base.ci_high:+.3f}], allowed -{cfg.max_map_regression})")
-    say(f"   `{TARGET}` slice mAP@.5:.95 {target.champion_map50_95:.3f} -> {target.challenger_map50_95:.3f} "
-        f"(delta {target.delta:+.3f}, CI [{target.ci_low:+.3f}, {target.ci_high:+.3f}], lower end must be >= "
+    say(f"   `{TARGET}` slice mAP@.5:.95 {sliced.champion_map50_95:.3f} -> {sliced.challenger_map50_95:.3f} "
+        f"(delta {sliced.delta:+.3f}, CI [{sliced.ci_low:+.3f}, {sliced.ci_high:+.3f}], lower end must be >= "
         f"{cfg.min_target_improvement})")
     verdict = (f"PASSED: @champion -> v{report.version}" if report.passed
                else f"FAILED ({', '.join(failed)}): @champion stays v{report.champion_before}")
     say(f"   gates {verdict}")
+    if report.passed:
+        shutil.copy2(evaluation / "gates.json", work / "gates.json")
     return report
 
 
@@ -466,8 +537,9 @@ def write_summary(cfg: LoopConfig, result: LoopResult, work: Path) -> Path:
     for name in ("drift_before", "drift_after"):
         if (work / name / "drift.json").exists():
             shutil.copytree(work / name, out / name, dirs_exist_ok=True)
-    if (work / "evaluate1" / "gates.json").exists():
-        shutil.copy2(work / "evaluate1" / "gates.json", out / "gates.json")
+    for name in ("all", "few"):
+        if (work / f"evaluate-{name}" / "gates.json").exists():
+            shutil.copy2(work / f"evaluate-{name}" / "gates.json", out / f"gates-{name}.json")
     (out / "summary.md").write_text(summary_markdown(cfg, result, plots))
     return out
 
@@ -510,6 +582,14 @@ def summary_markdown(cfg: LoopConfig, result: LoopResult, plots: list[tuple[str,
         if d:
             lines.append(f"| drift {key} (v{d.version}) | {'drift' if d.detected else 'no drift'}, "
                          f"share {d.drifted_share:.2f}, prediction share {_share(d.prediction_drifted_share)} | |")
+    if result.refused:
+        r = result.refused
+        lines += ["", f"First, a challenger (v{r['version']}) from only {r['trained_on']} training labels: target slice "
+                      f"{r['map50_95']['target']['before']:.3f} -> {r['map50_95']['target']['after']:.3f}, base "
+                      f"{r['map50_95']['base']['before']:.3f} -> {r['map50_95']['base']['after']:.3f}; gates "
+                      f"{'passed' if r['gates_passed'] else 'refused it'} "
+                      f"({', '.join(k for k, v in r['checks'].items() if not v['passed']) or 'none failed'}), "
+                      f"v{r['live_after']} stayed live."]
     checks = ", ".join(f"{k}: {'pass' if v['passed'] else 'FAIL'}" for k, v in result.gate_checks.items())
     lines += ["", f"Gates: {'passed' if result.gates_passed else 'failed'} ({checks}).",
               f"Rollout: {json.dumps(result.rollout)}; live after: v{result.live_after}.", ""]

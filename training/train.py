@@ -100,7 +100,10 @@ def _train_args(cfg: TrainConfig) -> dict[str, Any]:
     args = {"data": str(Path(cfg.dataset) / "dataset.yaml"), "imgsz": cfg.imgsz, "epochs": cfg.epochs,
             "batch": cfg.batch, "lr0": cfg.lr0, "optimizer": cfg.optimizer, "patience": cfg.patience,
             "seed": cfg.seed, "deterministic": cfg.deterministic, "device": cfg.device,
-            "workers": cfg.workers, "pretrained": False, "exist_ok": True, "plots": True}
+            "workers": cfg.workers, "exist_ok": True, "plots": True,
+            # False builds fresh weights from the architecture even when the model was loaded from a .pt:
+            # fine-tuning (train.weights) must hand the weights over explicitly.
+            "pretrained": str(cfg.weights) if cfg.weights is not None else False}
     for key, value in cfg.hyp.items():
         if key not in DEFAULT_CFG_DICT:
             raise DetopsError(f"train.hyp.{key}: not an ultralytics train argument")
