@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.errors import DetopsError
+from serving.client import auth_headers
 
 TARGET_SERVED_OVER_RAW = 0.85
 TARGET_SERVED_OVER_NAIVE = 3.0
@@ -98,7 +99,7 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, n_request
     counts = {"ok": 0, "failed": 0}
     next_index = iter(range(n_requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=auth_headers()) as client:
         for i in range(concurrency):  # warm-up: one request per connection, not measured
             await _post(client, url, images[i % len(images)], i)
         deadline = time.perf_counter() + max_seconds
@@ -122,7 +123,8 @@ async def paced(url: str, images: list[bytes], rate: float, n_requests: int) -> 
     """`n_requests` sent at a steady `rate` per second whatever the answers (open loop)."""
     import httpx
 
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None)) as client:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None),
+                                 headers=auth_headers()) as client:
         await _post(client, url, images[0], 0)
         start = time.perf_counter()
 
@@ -292,7 +294,8 @@ def run(args: argparse.Namespace) -> dict:
     import cv2
 
     from serving.runtime import ModelCard
-    from tests.serving_process import detector_service, synthetic_jpegs
+    from tests.serving_process import BENCH_OVERRIDES, auth_overrides, detector_service, mint_key, service_env
+    from tests.serving_process import synthetic_jpegs
 
     model_dir = args.model_dir
     missing = [f for f in ("model.onnx", "model_card.json", "best.pt") if not (model_dir / f).is_file()]
@@ -310,7 +313,10 @@ def run(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="detops-bench-") as tmp:
         workdir = Path(tmp)
         print("(b) served /detect (bentoml serve, cache off)", flush=True)
-        with detector_service(model_dir, workdir, overrides={"DETOPS_SERVE_CACHE_ENTRIES": "0"}) as server:
+        # Authentication on, as in production, with the per-key rates out of the way (capacity is measured).
+        overrides = {"DETOPS_SERVE_CACHE_ENTRIES": "0", **auth_overrides(workdir), **BENCH_OVERRIDES}
+        os.environ["DETOPS_API_KEY"] = mint_key(service_env(workdir, overrides), tenant="bench", scopes="detect")
+        with detector_service(model_dir, workdir, overrides=overrides) as server:
             served = bench_server(server.url + "/detect", jpegs, args.concurrency, args.requests, args.max_seconds)
         print("(c) naive server (FastAPI + ultralytics predict per request)", flush=True)
         with naive_server(model_dir, card.imgsz, workdir) as server:
