@@ -144,6 +144,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "n_test_images": len(gts["test"]["images"]),
         "n_val_images": len(gts["val"]["images"]),
         "n_test_detections": len(dt_test),
+        "variant": cfg.variant,  # fp32, or int8 for the quantized copy (evaluation/quantize.py)
     }
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     save_reference(build_reference(cfg.model_dir, cfg.dataset, "test"), out / REFERENCE_FILE)
     write_smoke_sample(ModelRuntime.load(cfg.model_dir), dataset.images("test"), cfg.smoke_images, out / SMOKE_DIR)
     metrics["mlflow_run_id"] = _log_to_mlflow(runtime.card.run_id, metrics, out,
-                                              Path(cfg.model_dir) / CALIBRATOR_FILE, cfg.experiment)
+                                              Path(cfg.model_dir) / CALIBRATOR_FILE, cfg.experiment, cfg.variant)
     return metrics
 
 
@@ -280,9 +281,10 @@ def _flat_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]
 
 
 def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calibrator_path: Path,
-                   experiment: str) -> str:
+                   experiment: str, variant: str = "fp32") -> str:
     """Log `test_`-prefixed metrics and the report folder (under `evaluation/`) to the training run;
-    when that run is not in the current store, to a new run of `experiment`, with a warning."""
+    when that run is not in the current store, to a new run of `experiment`, with a warning. Another
+    variant of the same model (int8) logs `test_<variant>_` metrics under `evaluation/<variant>/`."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -305,8 +307,10 @@ def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calib
         context = mlflow.start_run(run_name="evaluate")
     # Class names become parts of metric names: keep to the characters MLflow accepts.
     safe = {metric_name(k): v for k, v in _flat_numbers(metrics).items()}
+    prefix, artifacts = ("test_", EVALUATION_ARTIFACTS) if variant == "fp32" else (
+        f"test_{variant}_", f"{EVALUATION_ARTIFACTS}/{variant}")
     with context as run:
-        mlflow.log_metrics({f"test_{k}": v for k, v in safe.items()})
-        mlflow.log_artifacts(str(out), artifact_path=EVALUATION_ARTIFACTS)
-        mlflow.log_artifact(str(calibrator_path), artifact_path=EVALUATION_ARTIFACTS)
+        mlflow.log_metrics({f"{prefix}{k}": v for k, v in safe.items()})
+        mlflow.log_artifacts(str(out), artifact_path=artifacts)
+        mlflow.log_artifact(str(calibrator_path), artifact_path=artifacts)
         return run.info.run_id

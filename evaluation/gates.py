@@ -59,6 +59,7 @@ class GateReport:
     champion_after: str | None = None
     comparison: ChampionComparison | None = None
     notes: list[str] = field(default_factory=list)
+    variant: dict[str, Any] | None = None  # which model variant (fp32/int8) and why: evaluation/quantize.py
 
     @property
     def passed(self) -> bool:
@@ -74,7 +75,8 @@ class GateReport:
                 "version": self.version, "champion_before": self.champion_before,
                 "champion_after": self.champion_after,
                 "checks": {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in self.checks},
-                "comparison": asdict(self.comparison) if self.comparison else None, "notes": self.notes}
+                "comparison": asdict(self.comparison) if self.comparison else None, "notes": self.notes,
+                "variant": self.variant}
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
