@@ -8,9 +8,19 @@ STAMP := $(VENV)/.setup-stamp
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: setup lock pipeline test test-unit mlflow-ui serve worker loadtest bench bench-jobs drift labelstudio loop-demo clean
+.PHONY: k8s-schemas setup lock pipeline test test-unit mlflow-ui serve worker loadtest soak bench bench-jobs drift labelstudio loop-demo clean
 
-setup: $(STAMP)
+# The CRD schemas tests/unit/test_k8s.py validates deploy/k8s against (npm, pinned by package-lock.json).
+K8S_SCHEMAS := deploy/k8s/validate/node_modules/.installed
+
+setup: $(STAMP) $(K8S_SCHEMAS)
+
+k8s-schemas: $(K8S_SCHEMAS)
+
+$(K8S_SCHEMAS): deploy/k8s/validate/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "npm is missing: the Kubernetes manifest test needs node 20 + npm"; exit 1; }
+	npm ci --prefix deploy/k8s/validate --no-audit --no-fund --loglevel=error
+	@touch $@
 
 $(STAMP): requirements.lock pyproject.toml
 	@test -x $(PY) || python3.11 -m venv $(VENV) || python3 -m venv $(VENV)
@@ -46,8 +56,17 @@ mlflow-ui: setup
 # plain `bentoml serve` below finds it, as it does when run by hand. One `detops worker` runs beside it
 # for /jobs (embedded job store and broker under ./jobs_store unless DETOPS_*_URL say otherwise); it
 # stops with the service (Ctrl-C). `make worker` (or `detops worker`) starts more.
+# Keys (docs/access.md): a local pepper and one development key, made once under .cache/ and printed
+# at each start; set DETOPS_KEY_PEPPER yourself for anything but local development.
+DEV_PEPPER := .cache/dev-key-pepper
+DEV_KEY := .cache/dev-api-key
 serve: setup
 	$(BIN)/detops build
+	@mkdir -p .cache; test -s $(DEV_PEPPER) || $(PY) -c 'import secrets; print(secrets.token_hex(32))' > $(DEV_PEPPER)
+	@export DETOPS_KEY_PEPPER="$${DETOPS_KEY_PEPPER:-$$(cat $(DEV_PEPPER))}"; \
+	test -s $(DEV_KEY) || $(BIN)/detops keys create --tenant local-dev --scopes detect,jobs:write,jobs:read \
+		--name "make serve" | tail -n 1 > $(DEV_KEY); \
+	echo "development key (tenant local-dev): export DETOPS_API_KEY=$$(cat $(DEV_KEY))"; \
 	$(BIN)/detops worker & worker=$$!; trap 'kill $$worker 2>/dev/null; wait $$worker' EXIT; \
 	$(BIN)/bentoml serve serving.service:Detector --host $(HOST) --port $(PORT)
 
@@ -56,6 +75,12 @@ worker: setup
 
 loadtest: setup
 	$(PY) -m tests.load.run
+
+# Not a test: 10 minutes of detect + jobs by two tenants with their own keys; errors, p95, RSS growth
+# of every process (docs/access.md). SOAK_TIME=30s for a short run.
+SOAK_TIME ?= 10m
+soak: setup
+	$(PY) -m tests.load.soak --run-time $(SOAK_TIME)
 
 bench: setup
 	$(PY) -m tests.bench.serving_bench
@@ -73,7 +98,7 @@ labelstudio: setup
 	$(PY) -c "from monitoring.labelstudio_server import ensure_installed; ensure_installed()"
 
 loop-demo: labelstudio
-	$(PY) -m tests.integration.loop_demo
+	$(PY) -m monitoring.loop
 
 clean:
-	rm -rf $(VENV) .venv-labelstudio .cache
+	rm -rf $(VENV) .venv-labelstudio .cache deploy/k8s/validate/node_modules

@@ -26,6 +26,7 @@ import numpy as np
 from pipelines.config.deploy import DeployConfig
 from pipelines.errors import DetopsError
 from pipelines.types import Box
+from serving.client import auth_headers
 
 AGREEMENT_IOU = 0.5
 MODEL_ROUTES = ("/detect", "/render")  # requests that run the model (/detect_batch included); probes do not count
@@ -56,7 +57,7 @@ def smoke(url: str, smoke_dir: Path, *, iou: float, conf_tolerance: float) -> di
             path = smoke_dir / image["file"]
             response = client.post(f"{url}/detect", files={"image": (path.name, path.read_bytes())},
                                    data={k: str(v) for k, v in thresholds.items()},
-                                   headers={"X-Detops-Traffic": "smoke"})  # kept out of drift and push
+                                   headers={"X-Detops-Traffic": "smoke", **auth_headers()})  # kept out of drift and push
             if response.status_code != 200:
                 mismatches.append(f"{path.name}: HTTP {response.status_code} {response.text[:200]}")
                 continue

@@ -1,6 +1,7 @@
 """`detops evaluate`: the served artifact (ONNX + serving's pre/post-processing) on the val and test
-splits -> COCO metrics, a calibrator fitted on val (written next to the model), D-ECE before/after on
-test, latency, plots and plot data for DVC, all logged to the training run in MLflow."""
+splits and on the named slices (evaluation/slices.py) -> COCO metrics, a calibrator fitted on val
+(written next to the model), D-ECE before/after on test, latency, plots and plot data for DVC, all
+logged to the training run in MLflow."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from evaluation.calibration import (
     reliability,
 )
 from evaluation.coco import CocoMetrics, coco_detections, coco_ground_truth, coco_metrics, image_ids
+from evaluation.slices import PLOT_FILE, evaluate_slices, plot_slices, slice_mlflow_metrics
 from monitoring.reference import build_reference, save_reference
 from pipelines.config.model import EvaluateConfig
 from pipelines.errors import DetopsError
@@ -161,8 +163,17 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     # What production traffic is compared with: the test split seen by the served (calibrated) model.
     save_reference(build_reference(cfg.model_dir, cfg.dataset, "test"), out / REFERENCE_FILE)
     write_smoke_sample(ModelRuntime.load(cfg.model_dir), dataset.images("test"), cfg.smoke_images, out / SMOKE_DIR)
+    # Slices: the same COCO metrics on each named extra test set, beside the base split.
+    slices = evaluate_slices(runtime, cfg, out)
+    by_slice = slice_mlflow_metrics(metrics, slices)
+    if slices:
+        metrics["slices"] = slices
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        plot_slices({"model": {k.split("/", 1)[1]: v for k, v in by_slice.items() if k.startswith("map50_95/")}},
+                    out / PLOT_FILE, title="COCO mAP@.5:.95: base test split and slices")
     metrics["mlflow_run_id"] = _log_to_mlflow(runtime.card.run_id, metrics, out,
-                                              Path(cfg.model_dir) / CALIBRATOR_FILE, cfg.experiment, cfg.variant)
+                                              Path(cfg.model_dir) / CALIBRATOR_FILE, cfg.experiment, by_slice,
+                                              cfg.variant)
     return metrics
 
 
@@ -281,7 +292,7 @@ def _flat_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]
 
 
 def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calibrator_path: Path,
-                   experiment: str, variant: str = "fp32") -> str:
+                   experiment: str, by_slice: dict[str, float] | None = None, variant: str = "fp32") -> str:
     """Log `test_`-prefixed metrics and the report folder (under `evaluation/`) to the training run;
     when that run is not in the current store, to a new run of `experiment`, with a warning. Another
     variant of the same model (int8) logs `test_<variant>_` metrics under `evaluation/<variant>/`."""
@@ -306,11 +317,14 @@ def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calib
         ensure_experiment(experiment)
         context = mlflow.start_run(run_name="evaluate")
     # Class names become parts of metric names: keep to the characters MLflow accepts.
-    safe = {metric_name(k): v for k, v in _flat_numbers(metrics).items()}
+    # Slices are logged once, as `map50_95/<slice>` (by_slice), not flattened with every per-class AP.
+    safe = {metric_name(k): v for k, v in _flat_numbers({k: v for k, v in metrics.items() if k != "slices"}).items()}
     prefix, artifacts = ("test_", EVALUATION_ARTIFACTS) if variant == "fp32" else (
         f"test_{variant}_", f"{EVALUATION_ARTIFACTS}/{variant}")
+    slice_prefix = "" if variant == "fp32" else f"{variant}/"
     with context as run:
         mlflow.log_metrics({f"{prefix}{k}": v for k, v in safe.items()})
+        mlflow.log_metrics({metric_name(f"{slice_prefix}{k}"): v for k, v in (by_slice or {}).items()})
         mlflow.log_artifacts(str(out), artifact_path=artifacts)
         mlflow.log_artifact(str(calibrator_path), artifact_path=artifacts)
         return run.info.run_id

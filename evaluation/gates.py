@@ -7,7 +7,11 @@ Four checks, thresholds from `register.gates` in params.yaml:
 - `latency_ms`: single-image latency (`latency_ms_batch1`) <= `max_latency_ms`;
 - `no_regression`: mAP(challenger) - mAP(champion) >= -`max_map_regression`, both models predicted by
   the shared runtime on the same test split; the paired-bootstrap confidence interval of the delta is
-  reported. With no champion yet the check passes, with a note.
+  reported. With no champion yet the check passes, with a note;
+- `improves/<slice>`, one per slice of `target_slices` (evaluate.slices): the lower end of the 95%
+  paired-bootstrap interval of mAP(challenger) - mAP(champion) on that slice >= `min_target_improvement`
+  (> 0): the challenger is better where the champion failed, with confidence, not by chance. With no
+  champion yet it passes, with a note.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class GateReport:
     comparison: ChampionComparison | None = None
     notes: list[str] = field(default_factory=list)
     variant: dict[str, Any] | None = None  # which model variant (fp32/int8) and why: evaluation/quantize.py
+    slices: dict[str, ChampionComparison] = field(default_factory=dict)  # the same comparison per slice
 
     @property
     def passed(self) -> bool:
@@ -76,7 +81,8 @@ class GateReport:
                 "champion_after": self.champion_after,
                 "checks": {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in self.checks},
                 "comparison": asdict(self.comparison) if self.comparison else None, "notes": self.notes,
-                "variant": self.variant}
+                "variant": self.variant,
+                "slices": {name: asdict(c) for name, c in self.slices.items()}}
 
     def write(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,9 +106,10 @@ def load_metrics(path: Path) -> dict[str, float]:
     return out
 
 
-def check_gates(metrics: dict[str, float], gates: Gates,
-                comparison: ChampionComparison | None) -> list[GateCheck]:
-    """Every gate on the challenger's `metrics` (as `load_metrics` returns) and its champion comparison."""
+def check_gates(metrics: dict[str, float], gates: Gates, comparison: ChampionComparison | None,
+                slices: dict[str, ChampionComparison] | None = None) -> list[GateCheck]:
+    """Every gate on the challenger's `metrics` (as `load_metrics` returns), its champion comparison
+    on the base split and, per target slice, on `slices` (None: no champion)."""
     checks = [
         GateCheck("map50_95", metrics["map50_95"], gates.min_map50_95, ">=",
                   metrics["map50_95"] >= gates.min_map50_95),
@@ -121,6 +128,27 @@ def check_gates(metrics: dict[str, float], gates: Gates,
             f"mAP delta vs champion v{c.champion_version} ({c.champion_map50_95:.4f} -> "
             f"{c.challenger_map50_95:.4f}), 95% CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}], "
             f"{c.bootstrap_samples} bootstrap samples"))
+    checks += target_checks(gates, comparison is not None, slices or {})
+    return checks
+
+
+def target_checks(gates: Gates, has_champion: bool, slices: dict[str, ChampionComparison]) -> list[GateCheck]:
+    """`improves/<slice>` per target slice: the CI's lower end of the mAP gain >= the margin."""
+    checks = []
+    for name in gates.target_slices:
+        if not has_champion:
+            checks.append(GateCheck(f"improves/{name}", None, gates.min_target_improvement, ">=", True,
+                                    "no champion yet: nothing to improve on"))
+            continue
+        if name not in slices:
+            raise DetopsError(f"register.gates.target_slices: slice {name!r} has no champion comparison "
+                              f"(is it in evaluate.slices? known: {sorted(slices) or 'none'})")
+        c = slices[name]
+        checks.append(GateCheck(
+            f"improves/{name}", c.ci_low, gates.min_target_improvement, ">=", c.ci_low >= gates.min_target_improvement,
+            f"slice {name}: mAP {c.champion_map50_95:.4f} (champion v{c.champion_version}) -> "
+            f"{c.challenger_map50_95:.4f}, delta {c.delta:+.4f}, 95% CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}]; "
+            f"the CI's lower end is checked"))
     return checks
 
 

@@ -30,6 +30,7 @@ from pipelines.errors import DetopsError
 from pipelines.registry import CHALLENGER, CHAMPION
 
 GATES_FILE = "gates.json"
+COMPARISON_PLOT = "slices_vs_champion.png"
 COPIED_RUN_TAGS = ("dataset_hash", "git_sha")
 RUN_TAG_PREFIX = "detops."  # e.g. detops.feedback_batch, set by the monitoring loop on the training run
 PYFUNC_MODULE = "evaluation.pyfunc_model"  # shipped with the code it imports (pipelines.imports)
@@ -66,15 +67,19 @@ def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, quantize_cfg: Qu
 
     champion = registry.alias_version(name, CHAMPION, mlflow_client)
     comparison = None
+    slices: dict[str, ChampionComparison] = {}
     notes = []
+    _check_target_slices(cfg, evaluate_cfg)
     if champion is None:
         notes.append(f"no version of {name} is {CHAMPION} yet: the regression check passes")
     else:
-        comparison = compare_with_champion(cfg, evaluate_cfg, champion, metrics["map50_95"])
+        champion_runtime = _champion_runtime(cfg.model_name, champion)
+        comparison = compare_with_champion(cfg, evaluate_cfg, champion, metrics["map50_95"], champion_runtime)
+        slices = compare_slices_with_champion(cfg, evaluate_cfg, champion, champion_runtime)
     if decision is not None:
         notes.append(f"variant {decision.chosen}: {decision.reason}")
-    report = GateReport(name, check_gates(metrics, cfg.gates, comparison), champion_before=champion,
-                        champion_after=champion, comparison=comparison, notes=notes,
+    report = GateReport(name, check_gates(metrics, cfg.gates, comparison, slices), champion_before=champion,
+                        champion_after=champion, comparison=comparison, notes=notes, slices=slices,
                         variant=decision.to_dict() if decision else None)
 
     version = _log_and_register(cfg, card, card.run_id)
@@ -87,6 +92,8 @@ def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, quantize_cfg: Qu
         registry.set_champion(name, version, reason="gates", mlflow_client=mlflow_client)
         report.champion_after = version
     report.write(gates_dir / GATES_FILE)
+    if comparison is not None and slices:
+        _plot_against_champion(report, gates_dir / COMPARISON_PLOT)
 
     console = Console()
     console.print(gates_table(report))
@@ -99,7 +106,7 @@ def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, quantize_cfg: Qu
 
 
 def compare_with_champion(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, champion: str,
-                          challenger_map: float) -> ChampionComparison:
+                          challenger_map: float, runtime: Any = None) -> ChampionComparison:
     """The champion version predicted by the shared runtime on the test split of `cfg.dataset` (the
     one the challenger was evaluated on), and the paired-bootstrap mAP delta challenger - champion."""
     from evaluation.coco import bootstrap_map_delta, coco_detections, coco_ground_truth, coco_metrics
@@ -113,7 +120,7 @@ def compare_with_champion(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, cha
         raise DetopsError(f"{cfg.evaluation / 'coco_gt.json'}: the challenger was evaluated on other images "
                           f"than the test split of {cfg.dataset} (re-run `detops evaluate`)")
     challenger_dt = _read_json(cfg.evaluation / "coco_dt.json")
-    runtime = _champion_runtime(cfg.model_name, champion)
+    runtime = runtime or _champion_runtime(cfg.model_name, champion)
     predictions = predict_split(runtime, dataset, "test", gt, evaluate_cfg)
     champion_dt = coco_detections(predictions, gt)
     delta, lo, hi = bootstrap_map_delta(gt, champion_dt, challenger_dt, n=cfg.gates.bootstrap_samples,
@@ -121,6 +128,49 @@ def compare_with_champion(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, cha
     return ChampionComparison(champion_version=champion, champion_map50_95=coco_metrics(gt, champion_dt).map50_95,
                               challenger_map50_95=challenger_map, delta=delta, ci_low=lo, ci_high=hi,
                               bootstrap_samples=cfg.gates.bootstrap_samples)
+
+
+def compare_slices_with_champion(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, champion: str,
+                                  runtime: Any) -> dict[str, ChampionComparison]:
+    """Per slice of `evaluate_cfg.slices`: the champion predicted on the slice the challenger was
+    evaluated on (its coco_gt.json must match), and the paired-bootstrap mAP delta."""
+    from evaluation.coco import bootstrap_map_delta, coco_metrics
+    from evaluation.slices import predict_slice, read_slice_coco
+
+    out = {}
+    for name, spec in evaluate_cfg.slices.items():
+        challenger_gt, challenger_dt = read_slice_coco(cfg.evaluation, name)
+        gt, champion_dt = predict_slice(runtime, name, spec, evaluate_cfg)
+        if _image_keys(challenger_gt) != _image_keys(gt):
+            raise DetopsError(f"{cfg.evaluation}: slice {name!r} was evaluated on other images than {spec.dataset} "
+                              f"holds now (re-run `detops evaluate`)")
+        delta, lo, hi = bootstrap_map_delta(gt, champion_dt, challenger_dt, n=cfg.gates.bootstrap_samples,
+                                            seed=cfg.gates.seed)
+        out[name] = ChampionComparison(champion_version=champion,
+                                       champion_map50_95=coco_metrics(gt, champion_dt).map50_95,
+                                       challenger_map50_95=coco_metrics(gt, challenger_dt).map50_95, delta=delta,
+                                       ci_low=lo, ci_high=hi, bootstrap_samples=cfg.gates.bootstrap_samples)
+    return out
+
+
+def _plot_against_champion(report: GateReport, path: Path) -> None:
+    """Champion and challenger side by side on the base split and every slice."""
+    from evaluation.slices import plot_slices
+    from pipelines.config.model import BASE_SLICE
+
+    pairs = {BASE_SLICE: report.comparison, **report.slices}
+    champion = report.comparison.champion_version
+    plot_slices({f"champion v{champion}": {n: c.champion_map50_95 for n, c in pairs.items()},
+                 f"challenger v{report.version}": {n: c.challenger_map50_95 for n, c in pairs.items()}},
+                path, title="COCO mAP@.5:.95, champion vs challenger")
+
+
+def _check_target_slices(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig) -> None:
+    """Every target slice must be an evaluated slice: a typo must not pass the gate silently."""
+    unknown = [s for s in cfg.gates.target_slices if s not in evaluate_cfg.slices]
+    if unknown:
+        raise DetopsError(f"register.gates.target_slices {unknown} are not in evaluate.slices "
+                          f"({sorted(evaluate_cfg.slices) or 'none'})")
 
 
 def _champion_runtime(name: str, version: str) -> Any:
@@ -200,6 +250,9 @@ def version_description(report: GateReport, metrics: dict[str, Any]) -> str:
         lines += ["", (f"mAP@.5:.95 vs champion v{c.champion_version}: {c.champion_map50_95:.4f} -> "
                        f"{c.challenger_map50_95:.4f} (delta {c.delta:+.4f}, "
                        f"95% CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}])")]
+    for name, c in report.slices.items():
+        lines.append(f"slice {name}: {c.champion_map50_95:.4f} -> {c.challenger_map50_95:.4f} "
+                     f"(delta {c.delta:+.4f}, 95% CI [{c.ci_low:+.4f}, {c.ci_high:+.4f}])")
     figures = [("mAP@.5:.95", "map50_95"), ("mAP@.5", "map50"), ("D-ECE raw", "dece"),
                ("D-ECE calibrated", "dece_calibrated"), ("latency ms (1 image)", "latency_ms_batch1"),
                ("test images", "n_test_images")]

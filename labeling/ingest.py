@@ -252,6 +252,7 @@ class _Ingest:
         self.skipped: dict[str, list[int]] = defaultdict(list)
         self.region_skips: dict[str, RegionSkips] = defaultdict(RegionSkips)
         self.images: dict[str, _Image] = {}
+        self.feedback: set[str] = set()  # content hashes seen in a feedback export (cfg.holdout)
 
     def _skip_region(self, reason: str, task_id: int) -> None:
         entry = self.region_skips[reason]
@@ -259,8 +260,9 @@ class _Ingest:
         if task_id not in entry.tasks:
             entry.tasks.append(task_id)
 
-    def task(self, task: Task, where: str, root: Path) -> None:
-        """Turn one task into a kept image with its labels, or count why it is skipped."""
+    def task(self, task: Task, where: str, root: Path, feedback: bool = False) -> None:
+        """Turn one task into a kept image with its labels, or count why it is skipped. `feedback`:
+        the task comes from an export of `holdout.exports`."""
         self.report.tasks += 1
         ref = task.data.get(self.image_key)
         if not isinstance(ref, str) or not ref:
@@ -288,6 +290,8 @@ class _Ingest:
             raise DetopsError(f"{where}: {exc}") from None
         labels = [label for region in rects for label in self._labels(region, width, height, where)]
         content_hash = hashlib.sha256(source.read_bytes()).hexdigest()
+        if feedback:
+            self.feedback.add(content_hash)
         image = _Image(content_hash, source, _stable_name(content_hash, ref, source), labels, task.id, annotation,
                        width, height)
         kept = self.images.get(content_hash)
@@ -342,11 +346,13 @@ class _Ingest:
             labels.append(YoloLabel(self.class_names.index(name), *box.to_yolo(width, height)))
         return labels
 
-    def write(self, root: Path) -> None:
-        """Split the kept images and write the dataset and the report under `root`."""
+    def write(self, root: Path, to_train: set[str] = frozenset()) -> None:
+        """Split the kept images and write the dataset and the report under `root`; the images of
+        `to_train` go to train whatever their hash says."""
         n_classes = len(self.class_names)
-        classes_of = {h: {lb.class_id for lb in img.labels} for h, img in self.images.items()}
+        classes_of = {h: {lb.class_id for lb in img.labels} for h, img in self.images.items() if h not in to_train}
         split, moves = assign_splits(classes_of, self.cfg.split, self.cfg.seed, n_classes)
+        split |= {h: SPLITS[0] for h in to_train if h in self.images}
         dataset = YoloDataset(root=root, class_names=self.class_names)
         dataset.write_yaml()
         boxes = {s: {name: 0 for name in self.class_names} for s in SPLITS}
@@ -389,14 +395,49 @@ def ingest(cfg: IngestConfig) -> IngestReport:
     config, config_path = _labeling_config(cfg)
     run = _Ingest(cfg, config, config_path)
     loaded = [(path, load_export(path)) for path in cfg.exports]
-    work = [(task, f"{path}: task {task.id}", cfg.images_root or path.parent)
+    feedback_exports = set(cfg.holdout.exports) if cfg.holdout else set()
+    work = [(task, f"{path}: task {task.id}", cfg.images_root or path.parent, path in feedback_exports)
             for path, tasks in loaded for task in tasks]
-    for task, where, root in track(work, description="ingest tasks", transient=True):
-        run.task(task, where, root)
+    for task, where, root, feedback in track(work, description="ingest tasks", transient=True):
+        run.task(task, where, root, feedback)
     if not run.images:
         raise DetopsError(f"{', '.join(map(str, cfg.exports))}: no usable labeled image "
                           f"(skipped: {json.dumps({k: len(v) for k, v in run.skipped.items()})})")
 
+    to_train: set[str] = set()
+    if cfg.holdout is not None:
+        held = {h: run.images.pop(h) for h in sorted(run.feedback)
+                if h in run.images and holdout_key(h, cfg.seed) < cfg.holdout.fraction}
+        if not held:
+            raise DetopsError(f"ingest.holdout: no image of {', '.join(map(str, cfg.holdout.exports))} was held "
+                              f"out (fraction {cfg.holdout.fraction}): label more images or raise the fraction")
+        # The rest of the feedback goes to train: the base splits keep judging the base distribution,
+        # and the held-out slice judges the new one.
+        to_train = run.feedback & set(run.images)
+        run.report.notes.append(f"holdout: {len(held)} feedback images held out to {cfg.holdout.out} (an "
+                                f"evaluation slice), {len(to_train)} to train")
+        with atomic_dir(Path(cfg.holdout.out)) as tmp:
+            write_slice(tmp, held, run.class_names)
     with atomic_dir(Path(cfg.out)) as tmp:
-        run.write(tmp)
+        run.write(tmp, to_train)
     return run.report
+
+
+def holdout_key(content_hash: str, seed: int) -> float:
+    """A uniform number in [0, 1) per image, independent of `split_key` (another salt): images below
+    `holdout.fraction` are held out."""
+    return split_key(f"holdout:{content_hash}", seed)
+
+
+def write_slice(root: Path, images: dict[str, _Image], class_names: list[str]) -> None:
+    """A YOLO dataset with every image of `images` in its test split (an evaluation slice)."""
+    dataset = YoloDataset(root=root, class_names=class_names, splits=("test",))
+    dataset.write_yaml()
+    dataset.image_dir("test").mkdir(parents=True)
+    dataset.label_dir("test").mkdir(parents=True)
+    for image in sorted(images.values(), key=lambda i: i.name):
+        target = dataset.image_dir("test") / image.name
+        shutil.copyfile(image.source, target)
+        write_yolo_labels(dataset.label_path(target), image.labels)
+    (root / "slice.json").write_text(json.dumps({"images": sorted(i.name for i in images.values()),
+                                                 "content_hashes": sorted(images)}, indent=1) + "\n")

@@ -160,9 +160,11 @@ def read_window(cfg: DriftConfig) -> tuple[pd.DataFrame, str]:
     store = Path(cfg.store)
     if not (store / "predictions.db").exists():
         raise DetopsError(f"{store}: no prediction log here (serve with serve.prediction_log set)")
-    df = open_store(store).read(since=since, last_n=cfg.window_last_n)
+    # A version filter keeps a window after a rollout free of the previous model's records.
+    df = open_store(store).read(since=since, last_n=cfg.window_last_n, model_version=cfg.model_version)
     parts = ([f"since {since.isoformat()}"] if since else []) + (
-        [f"last {cfg.window_last_n}"] if cfg.window_last_n else [])
+        [f"last {cfg.window_last_n}"] if cfg.window_last_n else []) + (
+        [f"model version {cfg.model_version}"] if cfg.model_version else [])
     return df, ", ".join(parts) or "whole log"
 
 

@@ -50,6 +50,7 @@ class _Item:
     model_name: str
     model_version: str
     traffic: str
+    tenant: str
 
 
 def encode_detections(detections: Sequence[Detection]) -> str:
@@ -76,7 +77,8 @@ class ImageFeatures:
 
 def make_record(image: np.ndarray | ImageFeatures, *, sha256: str, request_id: str, detections: Sequence[Detection],
                 class_names: Sequence[str], model_name: str, model_version: str,
-                ts: datetime | None = None, image_path: str | None = None, traffic: str = "live") -> PredictionRecord:
+                ts: datetime | None = None, image_path: str | None = None, traffic: str = "live",
+                tenant: str = "-") -> PredictionRecord:
     """Featurize one prediction into a record (used by the logger and by the reference profile);
     `image` is the RGB image or its features, already computed."""
     features = image if isinstance(image, ImageFeatures) else ImageFeatures.of(image)
@@ -85,7 +87,7 @@ def make_record(image: np.ndarray | ImageFeatures, *, sha256: str, request_id: s
         ts=ts or datetime.now(timezone.utc), request_id=request_id, image_sha256=sha256, width=w, height=h,
         statistics=dict(features.statistics), summary=detection_summary(detections, class_names, (w, h)),
         embedding=features.embedding.copy(), model_name=model_name, model_version=model_version,
-        detections=encode_detections(detections), image_path=image_path, traffic=traffic)
+        detections=encode_detections(detections), image_path=image_path, traffic=traffic, tenant=tenant)
 
 
 class PredictionLogger:
@@ -115,7 +117,8 @@ class PredictionLogger:
         self._thread.start()
 
     def log(self, image_rgb: np.ndarray | Callable[[], np.ndarray], *, sha256: str, request_id: str,
-            detections: Sequence[Detection], model_name: str, model_version: str, traffic: str = "live") -> bool:
+            detections: Sequence[Detection], model_name: str, model_version: str, traffic: str = "live",
+            tenant: str = "-") -> bool:
         """Enqueue one prediction; returns False (and counts it) when it was dropped. Never raises.
         `image_rgb` may be a function returning the pixels: called on the logger's thread, and only when
         the features of `sha256` are not remembered (or `keep_images` needs the pixels)."""
@@ -123,7 +126,7 @@ class PredictionLogger:
             if self._closed:
                 raise RuntimeError("logger is closed")
             self._queue.put_nowait(_Item(datetime.now(timezone.utc), image_rgb, sha256, request_id,
-                                         tuple(detections), model_name, model_version, traffic))
+                                         tuple(detections), model_name, model_version, traffic, tenant))
             return True
         except queue.Full:
             self.dropped += 1
@@ -179,7 +182,7 @@ class PredictionLogger:
                 records.append(make_record(self._featurize(item.sha256, image), sha256=item.sha256, request_id=item.request_id,
                                            detections=item.detections, class_names=self.class_names,
                                            model_name=item.model_name, model_version=item.model_version,
-                                           ts=item.ts, image_path=path, traffic=item.traffic))
+                                           ts=item.ts, image_path=path, traffic=item.traffic, tenant=item.tenant))
             except Exception:
                 log.exception("prediction log: cannot featurize request %s", item.request_id)
                 self.failures += 1

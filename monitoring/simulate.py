@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from pipelines.config.data import ShiftName, SynthesizeConfig
 from pipelines.errors import DetopsError
+from serving.client import auth_headers
 
 
 @dataclass
@@ -42,7 +43,7 @@ def simulate(url: str, n: int, *, shift: ShiftName | None = None, rate: float = 
     endpoint = url.rstrip("/") + "/detect"
     codes: Counter = Counter()
     start = time.monotonic()
-    with httpx.Client(timeout=30.0) as client, Progress(transient=True) as progress:
+    with httpx.Client(timeout=30.0, headers=auth_headers()) as client, Progress(transient=True) as progress:
         job = progress.add_task(f"POST {endpoint} ({shift or 'in-distribution'})", total=n)
         for i in range(n):
             if time.monotonic() - start > timeout_s:

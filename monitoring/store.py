@@ -53,6 +53,7 @@ class PredictionRecord:
     detections: str = "[]"
     image_path: str | None = None
     traffic: str = "live"  # one of TRAFFIC
+    tenant: str = "-"  # the API tenant whose request it was (serving/gateway/); "-" for records made offline
     extra: dict[str, float] = field(default_factory=dict)  # room for features added later
 
 
@@ -74,6 +75,10 @@ class PredictionStore(Protocol):
 
     def delete_image(self, sha256: str) -> int:
         """Delete every record of one image hash and its kept image file; return the record count."""
+
+    def delete_tenant(self, tenant: str, older_than: timedelta | None = None) -> int:
+        """Delete one tenant's records (all, or those older than `older_than`) and the kept images no
+        other record refers to; return the record count."""
 
     def save_image(self, sha256: str, rgb: np.ndarray) -> str:
         """Keep the raw image (lossless) under the store; return its path."""
@@ -103,6 +108,9 @@ class SQLiteStore:
                 columns = {row[1] for row in con.execute("PRAGMA table_info(predictions)")}
                 if "traffic" not in columns:  # a store written before traffic was recorded: all live
                     con.execute("ALTER TABLE predictions ADD COLUMN traffic TEXT NOT NULL DEFAULT 'live'")
+                if "tenant" not in columns:  # a store written before tenants existed
+                    con.execute("ALTER TABLE predictions ADD COLUMN tenant TEXT NOT NULL DEFAULT '-'")
+                con.execute("CREATE INDEX IF NOT EXISTS predictions_tenant ON predictions (tenant, ts)")
                 con.execute("CREATE INDEX IF NOT EXISTS predictions_ts ON predictions (ts)")
                 con.execute("CREATE INDEX IF NOT EXISTS predictions_sha ON predictions (image_sha256)")
         except (OSError, sqlite3.Error) as exc:
@@ -128,14 +136,14 @@ class SQLiteStore:
             raise ValueError(f"unknown traffic {sorted(bad)} (expected one of {TRAFFIC})")
         rows = [(_utc(r.ts).timestamp(), r.request_id, r.image_sha256, int(r.width), int(r.height),
                  r.model_name, r.model_version, json.dumps({**r.statistics, **r.summary, **r.extra}),
-                 np.asarray(r.embedding, dtype=np.float32).tobytes(), r.detections, r.image_path, r.traffic)
-                for r in records]
+                 np.asarray(r.embedding, dtype=np.float32).tobytes(), r.detections, r.image_path, r.traffic,
+                 r.tenant) for r in records]
         con = self._connect()
         with con:
             con.execute("BEGIN IMMEDIATE")
             con.executemany("""INSERT INTO predictions (ts, request_id, image_sha256, width, height,
-                model_name, model_version, features, embedding, detections, image_path, traffic)
-                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", rows)
+                model_name, model_version, features, embedding, detections, image_path, traffic, tenant)
+                VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""", rows)
 
     def read(self, since: datetime | None = None, last_n: int | None = None, *, traffic: str | None = "live",
              model_version: str | None = None) -> pd.DataFrame:
@@ -175,6 +183,20 @@ class SQLiteStore:
         n = self._delete("image_sha256 = ?", (sha256,))
         (self.image_dir / f"{sha256}.png").unlink(missing_ok=True)
         return n
+
+    def delete_tenant(self, tenant: str, older_than: timedelta | None = None) -> int:
+        """See `PredictionStore.delete_tenant`."""
+        if older_than is None:
+            return self._delete("tenant = ?", (tenant,))
+        return self._delete("tenant = ? AND ts < ?", (tenant, (datetime.now(timezone.utc) - older_than).timestamp()))
+
+    def tenants(self) -> list[str]:
+        """Every tenant with records."""
+        return [r[0] for r in self._connect().execute("SELECT DISTINCT tenant FROM predictions")]
+
+    def tenant_count(self, tenant: str) -> int:
+        """How many records `tenant` has (tests, `detops purge` reports)."""
+        return self._connect().execute("SELECT COUNT(*) FROM predictions WHERE tenant = ?", (tenant,)).fetchone()[0]
 
     def _delete(self, where: str, args: tuple) -> int:
         con = self._connect()

@@ -1,5 +1,6 @@
 """In-process result cache: bounded LRU of detections keyed by what determines them (the image bytes'
-SHA-256, the model version and the request's post-processing parameters). Thread-safe, so the
+SHA-256, the model version and the request's post-processing parameters) and by the tenant that asked:
+entries are never shared across tenants (a hit's timing would tell tenant B that A sent that image). Thread-safe, so the
 threads BentoML runs synchronous code in can share one."""
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ if TYPE_CHECKING:
 V = TypeVar("V")
 
 
-def cache_key(sha256: str, model_version: str, params: PredictParams) -> tuple[Hashable, ...]:
-    """The key of one prediction. `params` must be the effective ones (`ModelRuntime.resolve`: card
+def cache_key(sha256: str, model_version: str, params: PredictParams, tenant: str = "-") -> tuple[Hashable, ...]:
+    """The key of one prediction for one tenant. `params` must be the effective ones (`ModelRuntime.resolve`: card
     defaults filled in, classes sorted), so that a request spelling out a default and one omitting
     it share an entry."""
-    return (sha256, model_version, params)
+    return (tenant, sha256, model_version, params)
 
 
 class ResultCache(Generic[V]):
@@ -53,3 +54,4 @@ class ResultCache(Generic[V]):
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)
+

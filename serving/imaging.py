@@ -28,13 +28,14 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 class RequestRejected(Exception):
     """A request refused (a bad upload, most often): `code` is a stable machine-readable reason, `detail` a human message,
-    `status` the HTTP status to answer with."""
+    `status` the HTTP status to answer with; `retry_after` (seconds) becomes a Retry-After header."""
 
-    def __init__(self, code: str, detail: str, status: int = 422) -> None:
+    def __init__(self, code: str, detail: str, status: int = 422, *, retry_after: int | None = None) -> None:
         super().__init__(detail)
         self.code = code
         self.detail = detail
         self.status = status
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,7 @@ def detect_response(width: int, height: int, sha256: str, detections: Sequence[D
     )
 
 
-def error_response(code: str, detail: str, status: int) -> JSONResponse:
-    """The one error shape: `{"error": code, "detail": message}`."""
-    return JSONResponse(ErrorBody(error=code, detail=detail).model_dump(), status_code=status)
+def error_response(code: str, detail: str, status: int, *, retry_after: int | None = None) -> JSONResponse:
+    """The one error shape: `{"error": code, "detail": message}` (and `Retry-After` when given)."""
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(ErrorBody(error=code, detail=detail).model_dump(), status_code=status, headers=headers)

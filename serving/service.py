@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,18 +36,26 @@ from serving import metrics  # noqa: E402
 from serving.batching import InferenceBatcher, InferenceFailed, Overloaded  # noqa: E402
 from serving.cache import ResultCache, cache_key  # noqa: E402
 from serving.forms import DetectBatchInput, DetectInput  # noqa: E402
+from serving.gateway import build_state, context, logs  # noqa: E402
+from serving.gateway import docs as api_docs  # noqa: E402
+from serving.gateway.middleware import Gateway  # noqa: E402
 from serving.guard import REQUEST_TRAFFIC, RequestGuard  # noqa: E402
 from serving.imaging import RequestRejected, check_size, decode_image  # noqa: E402
 from serving.jobs import api as jobs_api  # noqa: E402
 from serving.render import draw_detections, encode_jpeg  # noqa: E402
 from serving.runtime import InvalidParams, LetterboxMeta, ModelRuntime, PredictParams  # noqa: E402
 from serving.schemas import DetectResponse, ModelInfo, detect_response, error_response  # noqa: E402
-from serving.settings import load_jobs_config, load_serve_config, ort_threads  # noqa: E402
+from serving.settings import load_gateway_config, load_jobs_config, load_serve_config, ort_threads  # noqa: E402
 
 CFG = load_serve_config()
 JOBS_CFG = load_jobs_config()
+GATEWAY_CFG = load_gateway_config()
+GATEWAY = build_state(GATEWAY_CFG)  # keys, limits, circuit breaker, dependency probes (serving/gateway/)
+logs.configure()
 MODEL = bentoml.models.BentoModel(f"{CFG.model_name}:{CFG.store_version}")  # a class attribute: packed in the bento
 log = logging.getLogger(__name__)
+# While the file this names exists, every inference raises (the circuit breaker's tests; unset in production).
+FAULT_FILE = os.environ.get("DETOPS_FAULT_INFERENCE_FILE", "")
 
 
 @dataclass(frozen=True)
@@ -86,6 +95,8 @@ class Detector:
     def __init__(self) -> None:
         from monitoring.logger import PredictionLogger
 
+        GATEWAY.check()  # auth on without DETOPS_KEY_PEPPER: the worker refuses to start, saying why
+
         self.runtime = ModelRuntime.load(Path(self.model.path), threads=ort_threads(CFG))
         self.model_info = served_model()
         metrics.MODEL_INFO.labels(self.model_info.name, self.model_info.version, str(self.model_info.alias),
@@ -101,6 +112,8 @@ class Detector:
         # Ready only once a real inference went through the model.
         size = self.runtime.card.imgsz
         self.runtime.predict([np.full((size, size, 3), 114, np.uint8)])
+        if GATEWAY.monitor is not None:
+            GATEWAY.monitor.start()
         self.ready = True
 
     def __is_ready__(self) -> bool:
@@ -110,6 +123,8 @@ class Detector:
     def _close(self) -> None:
         self.batcher.close()
         self.pred_log.close()
+        if GATEWAY.monitor is not None:
+            GATEWAY.monitor.stop()
 
     @bentoml.api(route="/detect", input_spec=DetectInput)
     async def detect(self, image: Path, conf: float | None = None, iou: float | None = None,
@@ -164,28 +179,35 @@ class Detector:
         """Hash every upload and answer from the cache where possible; decode the rest (all must be
         valid) and run them through the runtime's steps, batching `infer` across requests; log each
         prediction with the request's traffic (live, or the shadow/canary traffic of a rollout's
-        verification). Raises RequestRejected for bad input (4xx), overload (503) and any failure of
-        the inference (500)."""
+        verification) and tenant. Raises RequestRejected for bad input (4xx), the key's limits and the
+        tenant's quota (429), overload and an open circuit (503) and any failure of the inference (500)."""
+        tenant = context.current_tenant()
+        GATEWAY.limits.images_now(context.KEY_ID.get(), tenant, len(files))
+        GATEWAY.limits.images_today(tenant, len(files))
         try:
             params = self.runtime.resolve(conf, iou, max_det, classes)
         except InvalidParams as exc:
             raise RequestRejected("unknown_class" if exc.field == "classes" else "invalid_parameter",
                                   str(exc), 422) from None
         # One thread hop per request for the CPU work before inference (decode, hash, cache, letterbox).
-        job = await asyncio.to_thread(self._prepare, files, params)
+        job = await asyncio.to_thread(self._prepare, files, params, tenant)
         if job.batch is not None:
+            GATEWAY.breaker.before()  # 503 circuit_open at once while inference keeps failing
             try:
                 raw = await self.batcher(job.batch)
                 # NMS and calibration in a thread too: the event loop keeps taking requests meanwhile.
                 fresh = await asyncio.to_thread(self.runtime.postprocess, raw, job.metas, params)
             except Overloaded as exc:
-                raise RequestRejected("overloaded", str(exc), 503) from None
+                raise RequestRejected("overloaded", str(exc), 503, retry_after=1) from None
             except InferenceFailed as exc:  # logged with its traceback by the batcher
+                GATEWAY.breaker.failed()
                 raise RequestRejected("inference_failed", f"{exc}; see the server log", 500) from None
             except Exception as exc:  # never a traceback to the client: logged here, a JSON 500 there
+                GATEWAY.breaker.failed()
                 log.exception("inference of %d images failed", len(job.batch))
                 raise RequestRejected("inference_failed", f"the model could not process this request "
                                       f"({type(exc).__name__}: {exc}); see the server log", 500) from None
+            GATEWAY.breaker.succeeded()
             for i, dets in zip(sorted(job.pixels), fresh):
                 height, width = job.pixels[i].shape[:2]
                 body = json.dumps(detect_response(width, height, job.sha256[i], dets, self.runtime.class_names,
@@ -206,19 +228,20 @@ class Detector:
                 pixels = functools.partial(self._decode, job.data[i], "image")
             self.pred_log.log(pixels, sha256=answer.sha256, request_id=uuid.uuid4().hex,
                               detections=answer.detections, model_name=self.model_info.name,
-                              model_version=self.model_info.version, traffic=REQUEST_TRAFFIC.get())
+                              model_version=self.model_info.version, traffic=REQUEST_TRAFFIC.get(),
+                              tenant=tenant)
             results.append((answer, hit))
         return results
 
-    def _prepare(self, files: list[Path | bytes], params: PredictParams) -> _Prepared:
-        """In a worker thread: read and hash every upload, look each up in the cache, decode and
-        validate the misses (all of them, before any inference) and letterbox them into one uint8
+    def _prepare(self, files: list[Path | bytes], params: PredictParams, tenant: str) -> _Prepared:
+        """In a worker thread: read and hash every upload, look each up in the tenant's cache, decode
+        and validate the misses (all of them, before any inference) and letterbox them into one uint8
         (n, S, S, 3) stack."""
         names = [f"images[{i}]" for i in range(len(files))] if len(files) > 1 else ["image"]
         data = [self._read(f, name) for f, name in zip(files, names)]
         job = _Prepared(data, [hashlib.sha256(d).hexdigest() for d in data], found=[None] * len(data))
         if self.cache.max_entries:
-            job.keys = [cache_key(sha, self.model_info.version, params) for sha in job.sha256]
+            job.keys = [cache_key(sha, self.model_info.version, params, tenant) for sha in job.sha256]
             job.found = [self.cache.get(k) for k in job.keys]
         job.hits = [answer is not None for answer in job.found]
         job.pixels = {i: self._decode(data[i], names[i]) for i, hit in enumerate(job.hits) if not hit}
@@ -228,6 +251,8 @@ class Detector:
 
     def _infer_letterboxed(self, batch: np.ndarray) -> np.ndarray:
         """Letterboxed RGB uint8 (N, S, S, 3) -> raw model output; runs in the batcher's worker thread."""
+        if FAULT_FILE and os.path.exists(FAULT_FILE):  # fault injection for the degradation tests only
+            raise RuntimeError(f"inference fault injected ({FAULT_FILE} exists)")
         return self.runtime.infer(self.runtime.to_input(batch))
 
     @staticmethod
@@ -258,7 +283,8 @@ class Detector:
     @staticmethod
     def _rejected(exc: RequestRejected) -> JSONResponse:
         (metrics.INFERENCE_ERRORS if exc.status >= 500 else metrics.BAD_INPUT).labels(reason=exc.code).inc()
-        return error_response(exc.code, exc.detail, exc.status)
+        return error_response(exc.code, exc.detail, exc.status, retry_after=exc.retry_after)
+
 
 @functools.cache
 def served_model() -> ModelInfo:
@@ -273,3 +299,25 @@ Detector.add_asgi_middleware(RequestGuard, model_version=lambda: served_model().
     "/detect": (CFG.max_upload_bytes, "serve.max_upload_bytes"), "/render": (CFG.max_upload_bytes, "serve.max_upload_bytes"),
     "/detect_batch": (CFG.max_upload_bytes * CFG.max_batch_images, "serve.max_upload_bytes x serve.max_batch_images"),
     "/jobs": (jobs_api.body_limit(JOBS_CFG), "jobs.max_job_bytes")})
+
+# The gateway (serving/gateway/) wraps everything: request ids, keys and scopes, rates, fast 503s,
+# the JSON /readyz, and detops' own API documentation at / and /docs.json.
+GATEWAY.openapi = lambda: api_docs.openapi_document(Detector.openapi_spec.asdict(), model_version=served_model().version,
+                                                    description=_api_description())
+GATEWAY.index = lambda: api_docs.index_page("detops detection API", f"<pre>{_api_description()}</pre>")
+Detector.add_asgi_middleware(Gateway, state=GATEWAY)
+
+
+def _api_description() -> str:
+    model = served_model()
+    limits = {"upload per image": f"{CFG.max_upload_bytes} bytes (serve.max_upload_bytes)",
+              "pixels per image": f"{CFG.max_pixels} (serve.max_pixels)",
+              "images per /detect_batch": f"{CFG.max_batch_images} (serve.max_batch_images)",
+              "requests per second per key": f"{GATEWAY_CFG.requests_per_s} (gateway.requests_per_s)",
+              "images per second per key": f"{GATEWAY_CFG.images_per_s} (gateway.images_per_s)",
+              "images per day per tenant": f"{GATEWAY_CFG.images_per_day} (gateway.images_per_day, per tenant)",
+              "images per job": f"{min(GATEWAY_CFG.max_job_images, JOBS_CFG.max_images_per_job)} "
+                                "(jobs.max_images_per_job, gateway.max_job_images)",
+              "bytes per job": f"{JOBS_CFG.max_job_bytes} (jobs.max_job_bytes)"}
+    return api_docs.api_description(model=model.name, model_version=model.version, limits=limits,
+                                    auth=GATEWAY_CFG.auth)

@@ -1,7 +1,8 @@
 """Service settings: a section of params.yaml, then environment variables on top, validated together.
 
 `serve:` takes DETOPS_SERVE_<FIELD> overrides (`ServeConfig`, read when the service module is
-imported); `jobs:` takes DETOPS_JOBS_<FIELD> (`JobsConfig`, read by the jobs routes and the workers).
+imported); `jobs:` takes DETOPS_JOBS_<FIELD> (`JobsConfig`, read by the jobs routes and the workers);
+`gateway:` takes DETOPS_GATEWAY_<FIELD> (`GatewayConfig`: keys, limits, degradation).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipelines.config.base import Section, format_validation_error, load_section, params_path
+from pipelines.config.gateway import GatewayConfig
 from pipelines.config.jobs import JobsConfig
 from pipelines.config.serving import ServeConfig
 from pipelines.errors import DetopsError
@@ -21,6 +23,7 @@ from serving.runtime import available_cores
 
 ENV_PREFIX = "DETOPS_SERVE_"
 JOBS_ENV_PREFIX = "DETOPS_JOBS_"
+GATEWAY_ENV_PREFIX = "DETOPS_GATEWAY_"
 
 S = TypeVar("S", bound=Section)
 
@@ -70,6 +73,11 @@ def load_serve_config(environ: Mapping[str, str] | None = None) -> ServeConfig:
 def load_jobs_config(environ: Mapping[str, str] | None = None) -> JobsConfig:
     """JobsConfig from params.yaml with the DETOPS_JOBS_* overrides applied."""
     return load_with_env(JobsConfig, JOBS_ENV_PREFIX, environ)
+
+
+def load_gateway_config(environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """GatewayConfig from params.yaml with the DETOPS_GATEWAY_* overrides applied."""
+    return load_with_env(GatewayConfig, GATEWAY_ENV_PREFIX, environ)
 
 
 def ort_threads(cfg: ServeConfig) -> int:

@@ -21,6 +21,7 @@ from pipelines.errors import DetopsError
 from pipelines.processes import HOST, Server, free_port, running
 
 ROOT = Path(__file__).resolve().parents[1]
+TEST_PEPPER = "tests-only-pepper-0123456789"  # a test service's keys; never used outside tests
 
 
 def synthetic_jpegs(n: int) -> list[bytes]:
@@ -35,10 +36,31 @@ def synthetic_jpegs(n: int) -> list[bytes]:
 
 
 def service_env(workdir: Path, overrides: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of a private service: BentoML store and prediction log under `workdir`, plus
-    DETOPS_SERVE_* `overrides` (serving/settings.py)."""
+    """The environment of a private service: BentoML store and prediction log under `workdir`, a test
+    pepper for its keys, authentication off (loopback only) unless `overrides` turn it on
+    (DETOPS_GATEWAY_AUTH=true), plus DETOPS_* `overrides` (serving/settings.py)."""
     return {**os.environ, "BENTOML_HOME": str(workdir / "bentoml"), "BENTOML_DO_NOT_TRACK": "true",
-            "DETOPS_SERVE_PREDICTION_LOG": str(workdir / "predictions"), **(overrides or {})}
+            "DETOPS_SERVE_PREDICTION_LOG": str(workdir / "predictions"), "DETOPS_KEY_PEPPER": TEST_PEPPER,
+            "DETOPS_GATEWAY_AUTH": "false", **(overrides or {})}
+
+
+def auth_overrides(workdir: Path) -> dict[str, str]:
+    """Overrides that turn authentication on for a private service, its keys in a private job store."""
+    return {"DETOPS_GATEWAY_AUTH": "true", "DETOPS_DATABASE_URL": f"sqlite:///{workdir / 'jobs.db'}"}
+
+
+def mint_key(env: Mapping[str, str], tenant: str = "tests", scopes: str = "detect,jobs:write,jobs:read") -> str:
+    """A new API key in the job store of `env` (DETOPS_DATABASE_URL, DETOPS_KEY_PEPPER), as
+    `detops keys create` makes it; returns the key."""
+    from serving.gateway.keys import KeyStore, pepper
+    from serving.jobs.store import JobStore
+
+    store = JobStore(env["DETOPS_DATABASE_URL"])
+    try:
+        store.create_schema()
+        return KeyStore(store, pepper(env)).create(tenant, scopes, "tests")[1]
+    finally:
+        store.close()
 
 
 def import_model(model_dir: Path, env: Mapping[str, str]) -> str:

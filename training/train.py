@@ -56,7 +56,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     from pipelines.tracking import ensure_experiment
 
-    model = _build_model(cfg.model)
+    model = _build_model(cfg.model, cfg.weights)
     ensure_experiment(cfg.experiment)
     data_hash, hash_source = dataset_hash(cfg.dataset)
     with mlflow.start_run() as run:
@@ -100,7 +100,10 @@ def _train_args(cfg: TrainConfig) -> dict[str, Any]:
     args = {"data": str(Path(cfg.dataset) / "dataset.yaml"), "imgsz": cfg.imgsz, "epochs": cfg.epochs,
             "batch": cfg.batch, "lr0": cfg.lr0, "optimizer": cfg.optimizer, "patience": cfg.patience,
             "seed": cfg.seed, "deterministic": cfg.deterministic, "device": cfg.device,
-            "workers": cfg.workers, "pretrained": False, "exist_ok": True, "plots": True}
+            "workers": cfg.workers, "exist_ok": True, "plots": True,
+            # False builds fresh weights from the architecture even when the model was loaded from a .pt:
+            # fine-tuning (train.weights) must hand the weights over explicitly.
+            "pretrained": str(cfg.weights) if cfg.weights is not None else False}
     for key, value in cfg.hyp.items():
         if key not in DEFAULT_CFG_DICT:
             raise DetopsError(f"train.hyp.{key}: not an ultralytics train argument")
@@ -115,9 +118,15 @@ def _train_args(cfg: TrainConfig) -> dict[str, Any]:
     return args
 
 
-def _build_model(model_yaml: str) -> Any:
-    """A YOLO model built from its YAML (fresh weights: nothing is downloaded)."""
+def _build_model(model_yaml: str, weights: Path | None = None) -> Any:
+    """A YOLO model built from its YAML (fresh weights: nothing is downloaded), or loaded from local
+    `weights` to fine-tune."""
     from ultralytics import YOLO
+
+    if weights is not None:
+        if not Path(weights).is_file():
+            raise DetopsError(f"train.weights: {weights} not found (a best.pt of a trained detops model)")
+        return YOLO(str(weights), task="detect")
 
     if not model_yaml.endswith((".yaml", ".yml")):
         raise DetopsError(f"train.model: expected a model YAML such as yolov8n.yaml (got {model_yaml!r}); "

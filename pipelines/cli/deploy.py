@@ -11,6 +11,7 @@ from pipelines.cli.common import user_errors
 from pipelines.config.base import load_section
 from pipelines.config.deploy import DeployConfig
 from pipelines.config.serving import ServeConfig
+from pipelines.errors import DetopsError
 
 deploy_app = typer.Typer(help="Blue/green deployment behind nginx: up, rollout, status, rollback, watch, down.",
                          no_args_is_help=True)
@@ -105,11 +106,58 @@ def down() -> None:
 @user_errors
 def watch(once: Annotated[bool, typer.Option(help="check once and exit (cron)")] = False,
           webhook: Annotated[bool | None, typer.Option(help="receive MLflow webhooks (default: when the tracking "
-                                                            "store is an MLflow server)")] = None) -> None:
+                                                            "store is an MLflow server)")] = None,
+          kubernetes: Annotated[bool, typer.Option("--kubernetes", help="patch the version annotation of the "
+                                                   "Argo Rollout and worker Deployment (deploy.kubernetes) "
+                                                   "instead of rolling out behind nginx")] = False) -> None:
     """Follow serve.model_name@champion: roll out what becomes champion, roll back when it moves back."""
+    if kubernetes:
+        from deploy.kubernetes import from_config
+
+        cfg = load_section(DeployConfig)
+        if webhook:
+            raise DetopsError("deploy watch --kubernetes polls the registry (deploy.watch.poll_interval_s); "
+                              "--webhook is for the nginx mode")
+        from_config(cfg.kubernetes, load_section(ServeConfig).model_name, say=typer.echo).run(
+            cfg.watch.poll_interval_s, once=once)
+        return
     from deploy.watch import Watcher
 
     Watcher(_deployer(), say=typer.echo).run(once=once, webhook=webhook)
+
+
+@deploy_app.command()
+@user_errors
+def smoke(url: Annotated[str, typer.Option(help="base URL of the service to check, e.g. http://detops-api-preview")],
+          version: Annotated[str, typer.Option(help="registry version it must serve")]) -> None:
+    """The deploy-time smoke check on its own (Kubernetes: the pre-promotion analysis Job): URL must
+    answer as VERSION, and its evaluation sample must come back with the detections evaluation recorded."""
+    import tempfile
+    from pathlib import Path
+
+    import httpx
+
+    from deploy.verify import smoke as run_smoke
+    from pipelines import registry
+
+    cfg, serve = load_section(DeployConfig), load_section(ServeConfig)
+    url = url.rstrip("/")
+    try:
+        served = httpx.get(f"{url}/livez", timeout=30).headers.get("X-Model-Version")
+    except httpx.HTTPError as exc:
+        raise DetopsError(f"smoke: {url} does not answer ({exc})") from None
+    if served != str(version):
+        raise DetopsError(f"smoke: {url} serves version {served!r}, expected {version!r}")
+    with tempfile.TemporaryDirectory(prefix="detops-smoke-") as tmp:
+        reference = registry.download_smoke_reference(serve.model_name, str(version), Path(tmp))
+        figures = run_smoke(url, reference, iou=cfg.smoke_iou, conf_tolerance=cfg.smoke_conf_tolerance)
+    if figures["mismatches"]:
+        from deploy.verify import VerificationFailed
+
+        raise VerificationFailed(f"smoke: {len(figures['mismatches'])} of {figures['images']} images differ from "
+                                 f"v{version}'s evaluation; first: {figures['mismatches'][0]}")
+    typer.echo(f"smoke passed: {url} serves v{version}; {figures['images']} images, {figures['detections']} "
+               "detections as evaluated")
 
 
 @deploy_app.command(hidden=True)

@@ -46,13 +46,15 @@ def drift(
     out: Annotated[Optional[Path], typer.Option(help="report folder")] = None,
     last_n: Annotated[Optional[int], typer.Option("--last-n", help="window: the last N logged images")] = None,
     since: Annotated[Optional[str], typer.Option(help="window: logged since this ISO time")] = None,
+    model_version: Annotated[Optional[str], typer.Option("--model-version",
+                                                         help="window: only this model version's records")] = None,
 ) -> None:
     """Evidently drift report of a window of the prediction log vs the reference; exit 3 on drift."""
     from monitoring.drift import run_drift
 
     serve = load_section(ServeConfig)
     cfg = load_section(DriftConfig, store=store, reference=reference, out=out, window_last_n=last_n,
-                       window_since=since)
+                       window_since=since, model_version=model_version)
     result = run_drift(cfg, model_name=serve.model_name, alias=serve.alias)
     typer.echo(f"no drift: {result.n_drifted}/{result.n_columns} columns drifted "
                f"(share {result.drifted_share:.2f} < {cfg.drift_share}), window {result.window} "
@@ -93,13 +95,32 @@ def purge(
     store: Annotated[Optional[Path], typer.Option(help="prediction store (default serve.prediction_log)")] = None,
     older_than: Annotated[Optional[str], typer.Option("--older-than", help="retention age: 30d, 12h, 90m")] = None,
     image: Annotated[Optional[str], typer.Option(help="sha256 of one image: delete its records and file")] = None,
+    tenant: Annotated[Optional[str], typer.Option(help="delete everything this tenant left behind: jobs, their "
+                                                  "images and results, prediction records, kept images "
+                                                  "(with --older-than: only what is older)")] = None,
+    expired: Annotated[bool, typer.Option("--expired", help="apply every tenant's retention "
+                                          "(gateway.retention_days, gateway.tenants)")] = False,
 ) -> None:
-    """Delete prediction records by age (retention) or everything about one image hash."""
+    """Delete prediction records by age (retention) or everything about one image hash; with --tenant
+    or --expired, tenants' jobs too (the job store of DETOPS_DATABASE_URL)."""
     from monitoring.store import open_store, parse_age
 
+    location = store or load_section(ServeConfig).prediction_log
+    if tenant is not None or expired:
+        from serving.gateway.purge import purge_expired, purge_tenant
+        from serving.settings import load_gateway_config
+
+        if (tenant is not None) == expired or image is not None:
+            raise DetopsError("purge: give --tenant T (optionally with --older-than AGE) or --expired alone")
+        age = parse_age(older_than) if older_than is not None else None
+        done = [purge_tenant(tenant, str(location), older_than=age)] if tenant is not None else \
+            purge_expired(load_gateway_config(), str(location))
+        for p in done:
+            typer.echo(f"tenant {p.tenant}: purged {p.jobs} jobs and {p.predictions} prediction records")
+        return
     if (older_than is None) == (image is None):
-        raise DetopsError("purge: give exactly one of --older-than AGE or --image SHA256")
-    target = open_store(store or load_section(ServeConfig).prediction_log)
+        raise DetopsError("purge: give exactly one of --older-than AGE, --image SHA256, --tenant T or --expired")
+    target = open_store(location)
     if older_than is not None:
         n = target.purge_older_than(parse_age(older_than))
         typer.echo(f"purged {n} records older than {older_than}")

@@ -46,6 +46,16 @@ class SplitFractions(Section):
         return self
 
 
+class HoldoutConfig(Section):
+    """The held-out part of feedback batches: a share of the images of the `exports` listed (chosen by
+    content hash, so a re-ingest holds out the same ones) goes to a separate YOLO dataset `out` (all in
+    its test split: an evaluation slice), never to training; the rest of those exports goes to train."""
+
+    exports: list[Path] = Field(min_length=1)  # which of `ingest.export` are feedback batches
+    fraction: float = Field(0.4, gt=0, lt=1)
+    out: Path = Path("data/slices/feedback")
+
+
 class IngestConfig(Section):
     section: ClassVar[str] = "ingest"
 
@@ -58,6 +68,15 @@ class IngestConfig(Section):
     annotator_policy: Literal["latest", "first"] = "latest"
     clip_tolerance: float = Field(0.01, ge=0, le=0.1)  # boxes out of the image by at most this share are clipped
     http_timeout_s: float = Field(10.0, gt=0)
+    holdout: HoldoutConfig | None = None  # feedback batches: a held-out slice and the rest to train
+
+    @model_validator(mode="after")
+    def _holdout_of_exports(self) -> IngestConfig:
+        if self.holdout is not None:
+            unknown = [str(p) for p in self.holdout.exports if p not in self.exports]
+            if unknown:
+                raise ValueError(f"holdout.exports {unknown} are not among ingest.export")
+        return self
 
     @property
     def exports(self) -> list[Path]:

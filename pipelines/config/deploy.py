@@ -45,6 +45,18 @@ class WatchConfig(Section):
     webhook_url: str | None = None  # the URL MLflow calls (default http://<webhook_host>:<webhook_port>/mlflow)
 
 
+class KubernetesConfig(Section):
+    """`detops deploy watch --kubernetes`: the objects whose version annotation it patches
+    (deploy/kubernetes.py, deploy/k8s/). In a pod, the API server, token and namespace are the pod's own."""
+
+    rollout: str = "detops-api"  # the API's Argo Rollout
+    worker_deployment: str | None = "detops-worker"  # the job workers' Deployment (null: none)
+    namespace: str | None = None  # default: the pod's namespace
+    api_url: str | None = None  # outside a pod: the API server (with token_file, optional ca_file)
+    token_file: Path | None = None
+    ca_file: Path | None = None
+
+
 class DeployConfig(Section):
     """nginx in front of two `bentoml serve` colours, each serving one pinned registry version."""
 
@@ -67,6 +79,7 @@ class DeployConfig(Section):
     canary: CanaryConfig = CanaryConfig()
     gates: VerificationGates = VerificationGates()
     watch: WatchConfig = WatchConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> DeployConfig:

@@ -16,6 +16,9 @@ class TrainConfig(Section):
     dataset: Path = Path("data/augmented")
     out: Path = Path("models")
     model: str = "yolov8n.yaml"
+    # Initial weights to fine-tune from (a detops model's best.pt, e.g. the champion's); None: fresh
+    # weights from `model`. The architecture then comes from the weights.
+    weights: Path | None = None
     # A multiple of the max stride: ultralytics would silently round it up, and the card states it.
     imgsz: int = Field(160, ge=32, multiple_of=32)
     epochs: int = Field(12, ge=1)
@@ -78,6 +81,18 @@ class TuneConfig(Section):
     }
 
 
+SLICE_NAME = r"^[A-Za-z0-9_.-]+$"
+BASE_SLICE = "base"  # the dataset's own test split: not a slice name
+
+
+class EvalSlice(Section):
+    """A named extra test set: one split of a YOLO dataset with the model's classes (e.g. the
+    held-out part of a feedback batch, written by ingest's `holdout`)."""
+
+    dataset: Path
+    split: Literal["train", "val", "test"] = "test"
+
+
 class EvaluateConfig(Section):
     section: ClassVar[str] = "evaluate"
 
@@ -98,6 +113,14 @@ class EvaluateConfig(Section):
     smoke_images: int = Field(8, ge=1)  # test images whose served predictions a deployment checks
     experiment: str = "detops"  # used only when the model card's training run is not in the store
     variant: Literal["fp32", "int8"] = "fp32"  # int8: the quantized copy (MLflow metrics test_int8_*)
+    # Named extra test sets evaluated like the base test split (same COCO metrics, `map50_95/<name>`).
+    slices: dict[Annotated[str, Field(pattern=SLICE_NAME)], EvalSlice] = {}
+
+    @model_validator(mode="after")
+    def _no_base_slice(self) -> EvaluateConfig:
+        if BASE_SLICE in self.slices:
+            raise ValueError(f"slice name {BASE_SLICE!r} is reserved for the dataset's test split")
+        return self
 
 
 class Gates(Section):
@@ -107,6 +130,10 @@ class Gates(Section):
     max_map_regression: float = Field(0.01, ge=0)
     bootstrap_samples: int = Field(1000, ge=10)
     seed: int = 0
+    # Slices (evaluate.slices) the challenger must improve on: the lower end of the 95% paired-bootstrap
+    # interval of mAP(challenger) - mAP(champion) on each must reach `min_target_improvement` (> 0).
+    target_slices: list[Annotated[str, Field(pattern=SLICE_NAME)]] = []
+    min_target_improvement: float = Field(0.02, gt=0, le=1)
 
 
 class RegisterConfig(Section):

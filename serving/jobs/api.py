@@ -37,13 +37,14 @@ from starlette.formparsers import MultiPartException
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from pipelines.config.jobs import JobsConfig
+from serving import gateway
+from serving.gateway.context import current_tenant
 from serving.imaging import RequestRejected
 from serving.jobs import queue, schemas
 from serving.jobs.objects import ObjectStore, open_object_store
 from serving.jobs.results import coco_results
 from serving.jobs.settings import JobsSettings, load_jobs_settings
-from serving.jobs.store import (DEFAULT_OWNER, IdempotencyConflict, JobRecord, JobStore, NewImage, NewJob,
-                                StoreUnavailable)
+from serving.jobs.store import IdempotencyConflict, JobRecord, JobStore, NewImage, NewJob, StoreUnavailable
 from serving.jobs.webhooks import CallbackRefused, check_callback_url
 from serving.schemas import ErrorBody, error_response
 
@@ -138,7 +139,7 @@ def backend() -> Backend:
 # --------------------------------------------------------------------------- errors
 @app.exception_handler(RequestRejected)
 async def _rejected(_request: Request, exc: RequestRejected) -> JSONResponse:
-    return error_response(exc.code, exc.detail, exc.status)
+    return error_response(exc.code, exc.detail, exc.status, retry_after=exc.retry_after)
 
 
 @app.exception_handler(StoreUnavailable)
@@ -187,9 +188,10 @@ async def submit_job(request: Request, idempotency_key: str | None = Header(
                               f"({{\"images\": [{{\"name\", \"data\"}}]}}), got {content_type or 'no content type'!r}",
                               400)
     _check_limits(submission, cfg)
+    _check_tenant_limits(len(submission.images))
     if submission.options.callback_url is not None:
         await run_in_threadpool(_check_callback, submission.options.callback_url, backend().settings)
-    job, replayed = await run_in_threadpool(_accept, backend(), submission, idempotency_key)
+    job, replayed = await run_in_threadpool(_accept, backend(), submission, idempotency_key, current_tenant())
     body = schemas.JobAccepted(job_id=job.job_id, status_url=f"/jobs/{job.job_id}",
                                results_url=schemas.results_url(job.job_id))
     headers = {"Location": body.status_url}
@@ -309,6 +311,14 @@ def _check_limits(submission: Submission, cfg: JobsConfig) -> None:
                               "bytes per job (jobs.max_job_bytes)", 413)
 
 
+def _check_tenant_limits(n: int) -> None:
+    """The tenant's job size and daily image quota (serving/gateway/limits.py)."""
+    tenant = current_tenant()
+    limits = gateway.current().limits
+    limits.job_size(tenant, n)
+    limits.images_today(tenant, n)
+
+
 def _check_callback(url: str, settings: JobsSettings) -> None:
     if not settings.webhook_secret:
         raise RequestRejected("webhooks_disabled", "callback_url: webhooks need DETOPS_WEBHOOK_SECRET on the "
@@ -326,12 +336,13 @@ def request_hash(submission: Submission) -> str:
     return hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
 
 
-def _accept(be: Backend, submission: Submission, idempotency_key: str | None) -> tuple[JobRecord, bool]:
+def _accept(be: Backend, submission: Submission, idempotency_key: str | None,
+            owner: str) -> tuple[JobRecord, bool]:
     """Store the job durably (objects first, then one transaction), then publish its wake-ups.
     Returns the job and whether it is an earlier job replayed for the same Idempotency-Key."""
     digest = request_hash(submission)
     if idempotency_key is not None:
-        found = be.store.find_by_idempotency_key(DEFAULT_OWNER, idempotency_key)
+        found = be.store.find_by_idempotency_key(owner, idempotency_key)
         if found is not None:
             return _replayed(found, digest, idempotency_key), True
     job_id = uuid.uuid4().hex
@@ -341,7 +352,7 @@ def _accept(be: Backend, submission: Submission, idempotency_key: str | None) ->
         be.objects.put_many([(image.object_key, data) for image, (_, data) in zip(images, submission.images)])
         options = submission.options.model_dump()
         job, created = be.store.create_job(NewJob(
-            job_id=job_id, request_hash=digest, images=images, idempotency_key=idempotency_key,
+            job_id=job_id, owner=owner, request_hash=digest, images=images, idempotency_key=idempotency_key,
             callback_url=options.pop("callback_url"), params=options))
     except IdempotencyConflict as exc:
         be.objects.delete_prefix(job_id)
@@ -368,8 +379,10 @@ def _replayed(found: JobRecord, digest: str, key: str) -> JobRecord:
 
 # --------------------------------------------------------------------------- reading, cancelling
 def _job(job_id: str) -> JobRecord:
+    """The job if it belongs to the request's tenant; another tenant's job is 404 exactly like a missing
+    one, so ids cannot be probed."""
     job = backend().store.get_job(job_id)
-    if job is None:
+    if job is None or job.owner != current_tenant():
         raise RequestRejected("job_not_found", f"no job {job_id!r}", 404)
     return job
 
@@ -387,7 +400,8 @@ def get_job(job_id: str) -> schemas.JobSummary:
                                                **ERRORS}, summary="A job's results", tags=["Jobs"])
 def get_results(job_id: str, format: Literal["jsonl", "coco"] = Query(  # noqa: A002 (the query parameter's name)
                     "jsonl", description="jsonl: one record per image; coco: COCO results (image_id = index)"),
-                from_index: int = Query(0, ge=0, description="only the images from this index on")) -> Response:
+                from_index: int = Query(0, ge=0, le=2**31 - 1,  # a database INTEGER
+                                      description="only the images from this index on")) -> Response:
     """The processed images so far, in submission order (header X-Job-Status says whether more will come)."""
     job = _job(job_id)
     if job.deleted_at is not None:
@@ -415,6 +429,7 @@ def _jsonl(store: JobStore, job_id: str, start: int) -> Iterator[bytes]:
 def delete_job(job_id: str) -> schemas.JobSummary:
     """Cancel a queued or running job and delete its images and results (a finished job keeps its status)."""
     be = backend()
+    _job(job_id)  # 404 for another tenant's job before anything is touched
     job = be.store.cancel(job_id)
     if job is None:
         raise RequestRejected("job_not_found", f"no job {job_id!r}", 404)

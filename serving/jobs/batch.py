@@ -212,7 +212,9 @@ def submit_folder(folder: Path, url: str, options: dict[str, Any], *, out: Path 
     form = {k: json.dumps(v) if k == "classes" else str(v) for k, v in options.items() if v is not None}
     headers = {"Idempotency-Key": submission_key(folder, files, options)}
     base = url.rstrip("/")
-    with httpx.Client(base_url=base, timeout=120) as client:
+    from serving.client import auth_headers
+
+    with httpx.Client(base_url=base, timeout=120, headers=auth_headers()) as client:  # DETOPS_API_KEY
         uploads = [("images", (rel, f.read_bytes())) for rel, f in zip(rels, files)]
         response = _request(client, "POST", "/jobs", files=uploads, data=form, headers=headers)
         job_id = response.json()["job_id"]

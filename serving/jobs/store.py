@@ -14,7 +14,8 @@ in production (`postgresql+psycopg://...`, row locks with SKIP LOCKED). Four tab
 
 Every method is one transaction. A database that cannot be reached raises `StoreUnavailable` (the
 API answers 503 with Retry-After; a worker retries with backoff). The schema is created on first use
-(`create_schema`); `owner` exists on every job now (default "default") for tenancy to build on.
+(`create_schema`); `owner` is the tenant whose key submitted the job (serving/gateway/): every read
+of the API is filtered by it, and `erase` / `owner_job_ids` serve `detops purge --tenant`.
 """
 
 from __future__ import annotations
@@ -361,6 +362,32 @@ class JobStore:
             conn.execute(delete(job_results).where(job_results.c.job_id == job_id))
             conn.execute(delete(job_images).where(job_images.c.job_id == job_id))
             return JobRecord.from_row(conn.execute(select(jobs).where(jobs.c.job_id == job_id)).one())
+
+    # ------------------------------------------------------------------ tenancy (detops purge)
+    def owners(self) -> list[str]:
+        """Every tenant that has jobs."""
+        with self._read() as conn:
+            return [r[0] for r in conn.execute(select(jobs.c.owner).distinct())]
+
+    def owner_job_ids(self, owner: str, *, created_before: datetime | None = None) -> list[str]:
+        """The ids of `owner`'s jobs (those created before `created_before`, when given)."""
+        query = select(jobs.c.job_id).where(jobs.c.owner == owner)
+        if created_before is not None:
+            query = query.where(jobs.c.created_at < created_before)
+        with self._read() as conn:
+            return [r[0] for r in conn.execute(query)]
+
+    def erase(self, job_ids: Sequence[str]) -> int:
+        """Delete jobs with every row they have (cancel them first: a worker's chunk then writes
+        nothing); the caller deletes their objects. Returns how many jobs went."""
+        n = 0
+        for start in range(0, len(job_ids), 500):
+            ids = list(job_ids[start:start + 500])
+            with self._write() as conn:
+                conn.execute(delete(job_results).where(job_results.c.job_id.in_(ids)))
+                conn.execute(delete(job_images).where(job_images.c.job_id.in_(ids)))
+                n += conn.execute(delete(jobs).where(jobs.c.job_id.in_(ids))).rowcount
+        return n
 
     # ------------------------------------------------------------------ work (workers)
     def claim(self, job_id: str, *, worker: str, model_name: str, live_version: str, chunk_size: int,

@@ -140,7 +140,8 @@ def user_env(workdir: Path, mlflow_uri: str) -> dict[str, str]:
     return {**env, "HOME": str(workdir / "home"), "MLFLOW_TRACKING_URI": mlflow_uri,
             "PATH": f"{BIN}{os.pathsep}{env['PATH']}", "DETOPS_SERVE_WORKERS": "1",
             "DETOPS_SERVE_PREDICTION_LOG": str(workdir / "monitoring_store"), "DETOPS_SERVE_KEEP_IMAGES": "true",
-            "DETOPS_JOBS_DATA_DIR": str(workdir / "jobs_store")}  # the embedded job store, broker and images
+            "DETOPS_JOBS_DATA_DIR": str(workdir / "jobs_store"),  # the embedded job store, broker and images
+            "DETOPS_KEY_PEPPER": "cli-test-pepper-0123456789"}  # authentication is on by default
 
 
 def shell(env: dict[str, str], *argv: str, cwd: Path = PROJECT_ROOT) -> subprocess.CompletedProcess[str]:
@@ -159,10 +160,19 @@ def test_build_then_plain_bentoml_serve_and_monitoring_verbs(workdir: Path, user
     missing = shell(user_env, "detops", "build", "--alias", "nobody", "--no-bento")
     assert missing.returncode == 1 and "no version of 'detops-detector' has the alias 'nobody'" in missing.stderr
 
-    with bentoml_serve(user_env, "serving.service:Detector", cwd=PROJECT_ROOT, log=workdir / "serve.log") as url:
-        ok("simulate", "--url", url, "--n", "110", "--rate", "100")
-        refused("simulate", "--url", "ftp://nowhere", match="--url")
-        batch_verbs(workdir, user_env, url)
+    # A key as a user makes one (the last line), for the clients below: they read DETOPS_API_KEY.
+    made = shell(user_env, "detops", "keys", "create", "--tenant", "cli-user")
+    assert made.returncode == 0, made.stderr[-2000:]
+    os.environ["DETOPS_API_KEY"] = made.stdout.strip().splitlines()[-1]
+    try:
+        with bentoml_serve(user_env, "serving.service:Detector", cwd=PROJECT_ROOT, log=workdir / "serve.log") as url:
+            ok("simulate", "--url", url, "--n", "110", "--rate", "100")
+            refused("simulate", "--url", "ftp://nowhere", match="--url")
+            batch_verbs(workdir, user_env, url)
+    finally:
+        os.environ.pop("DETOPS_API_KEY")
+    access = [json.loads(line) for line in (workdir / "serve.log").read_text().splitlines() if line.startswith('{"ts"')]
+    assert access and all(r["tenant"] == "cli-user" for r in access)  # simulate and batch submit carried the key
 
     # The drift window and the push read what the service logged (params.yaml: monitoring_store).
     drift = detops("drift")
@@ -241,3 +251,25 @@ def _jpeg() -> bytes:
     from tests.fixtures import images
 
     return images.jpeg(200, 150, seed=11)
+
+
+def test_access_verbs(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """detops keys create|list|revoke and purge --tenant|--expired on an embedded jobs database."""
+    monkeypatch.setenv("DETOPS_DATABASE_URL", f"sqlite:///{workdir / 'access' / 'jobs.db'}")
+    monkeypatch.setenv("DETOPS_KEY_PEPPER", "cli-test-pepper-0123456789")
+    created = ok("keys", "create", "--tenant", "acme", "--scopes", "detect,jobs:read").output.strip().splitlines()
+    key = created[-1]
+    assert key.startswith("dtk_") and " " not in key
+    key_id = key.split("_")[1]
+    listed = ok("keys", "list").output
+    assert key_id in listed and "acme" in listed and key.split("_", 2)[2] not in listed
+    assert f"revoked {key_id}" in ok("keys", "revoke", key_id).output
+    refused("keys", "create", "--tenant", "acme", "--scopes", "detect,root", match="unknown ['root']")
+    refused("keys", "revoke", "000000000000", match="no key")
+    store = str(workdir / "access" / "predictions")
+    assert "tenant acme: purged 0 jobs and 0 prediction records" in ok("purge", "--tenant", "acme",
+                                                                        "--store", store).output
+    ok("purge", "--expired", "--store", store)
+    refused("purge", "--tenant", "acme", "--expired", match="--tenant T")
+    monkeypatch.delenv("DETOPS_KEY_PEPPER")
+    refused("keys", "list", match="DETOPS_KEY_PEPPER")

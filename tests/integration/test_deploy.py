@@ -27,7 +27,9 @@ from pipelines.config.deploy import DeployConfig
 from pipelines.config.model import EvaluateConfig, Gates, RegisterConfig
 from pipelines.config.serving import ServeConfig
 from pipelines.environment import PROJECT_ROOT
+from serving.client import auth_headers
 from tests.fixtures import images
+from tests.serving_process import TEST_PEPPER, mint_key
 
 pytestmark = pytest.mark.integration
 
@@ -125,6 +127,7 @@ def project(tmp_path_factory: pytest.TempPathFactory, versions: dict[str, str]) 
     port, blue, green = sorted(ports)
     params["serve"].update(model_name=NAME, workers=1, prediction_log=str(root / "predictions"), cache_entries=0)
     params["jobs"].update(data_dir=str(root / "jobs"), worker_concurrency=1, model_check_interval_s=1.0)
+    params["gateway"].update(requests_per_s=100_000, images_per_s=100_000)  # the load below is one key's
     params["deploy"].update(port=port, blue_port=blue, green_port=green, state_dir=str(root / "state"),
                             reports=str(root / "reports"), keep_previous_s=120.0, drain_s=2.0,
                             shadow={"enabled": True, "max_requests": 40, "max_seconds": 20.0},
@@ -133,10 +136,17 @@ def project(tmp_path_factory: pytest.TempPathFactory, versions: dict[str, str]) 
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     previous = os.environ.get("DETOPS_PARAMS")
     os.environ["DETOPS_PARAMS"] = str(root / "params.yaml")
+    # Authentication on (the default): both colours, the workers and every stack of this module share one
+    # keys database and pepper; the deployment's smoke check and this module's clients send DETOPS_API_KEY.
+    access = {"DETOPS_KEY_PEPPER": TEST_PEPPER, "DETOPS_DATABASE_URL": f"sqlite:///{root / 'jobs' / 'jobs.db'}"}
+    os.environ.update(access)
+    os.environ["DETOPS_API_KEY"] = mint_key(access, tenant="deploy-tests")
     try:
         yield root
     finally:
         assert "stopped" in detops("deploy", "down").output
+        for name in (*access, "DETOPS_API_KEY"):
+            os.environ.pop(name, None)
         if previous is None:
             os.environ.pop("DETOPS_PARAMS")
         else:
@@ -185,7 +195,7 @@ class Clients:
 
     def _run(self, index: int) -> None:
         uploads = [images.jpeg(64 + 7 * k, 48 + 5 * k, seed=1000 * index + k) for k in range(12)]
-        with httpx.Client(timeout=60, transport=httpx.HTTPTransport(retries=0)) as client:
+        with httpx.Client(timeout=60, transport=httpx.HTTPTransport(retries=0), headers=auth_headers()) as client:
             k = 0
             while not self.stop.is_set():
                 try:
@@ -207,11 +217,12 @@ class Clients:
 
 def _job_version(url: str, timeout_s: float = 120) -> str:
     """Submit a one-image job through the front door and return the version its result names."""
-    accepted = httpx.post(f"{url}/jobs", files=[("images", ("j.jpg", images.jpeg(80, 64, seed=4)))], timeout=60)
+    accepted = httpx.post(f"{url}/jobs", files=[("images", ("j.jpg", images.jpeg(80, 64, seed=4)))], timeout=60,
+                          headers=auth_headers())
     assert accepted.status_code == 202, accepted.text
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        job = httpx.get(f"{url}/jobs/{accepted.json()['job_id']}", timeout=30).json()
+        job = httpx.get(f"{url}/jobs/{accepted.json()['job_id']}", timeout=30, headers=auth_headers()).json()
         if job["status"] == "succeeded":
             return job["results"][0]["model"]["version"]
         time.sleep(0.5)
@@ -280,7 +291,8 @@ def test_a_version_that_cannot_start_or_serves_otherwise_is_refused(project: Pat
         _deployer().rollout(versions["corrupt"])
     with pytest.raises(RolloutRefused, match="smoke check failed"):
         _deployer().rollout(versions["differs"])
-    answer = httpx.post(f"{_front_door()}/detect", files={"image": ("x.jpg", images.jpeg(90, 70, seed=5))})
+    answer = httpx.post(f"{_front_door()}/detect", files={"image": ("x.jpg", images.jpeg(90, 70, seed=5))},
+                        headers=auth_headers())
     assert answer.status_code == 200 and answer.headers["x-model-version"] == live
     verdicts = [r["verdict"] for r in _deployer().status()["rollouts"][:2]]
     assert verdicts == ["refused", "refused"]
@@ -330,6 +342,12 @@ def test_cli_status_and_watcher_following_champion(project: Path, versions: dict
     assert [r["trigger"] for r in body["rollouts"][:2]] == ["watcher", "watcher"]
     refused = CliRunner().invoke(app, ["deploy", "rollout", "999"])
     assert refused.exit_code == 1 and "no version 999" in refused.output
+    # The smoke check on its own (on Kubernetes, the pre-promotion analysis Job), through the front door:
+    # the live version passes; a version it does not serve is named, before anything is sent.
+    smoked = CliRunner().invoke(app, ["deploy", "smoke", "--url", _front_door(), "--version", v1])
+    assert smoked.exit_code == 0 and f"serves v{v1}" in smoked.output, smoked.output
+    wrong = CliRunner().invoke(app, ["deploy", "smoke", "--url", _front_door(), "--version", v2])
+    assert wrong.exit_code == 1 and f"serves version '{v1}', expected '{v2}'" in wrong.output, wrong.output
     assert CliRunner().invoke(app, ["deploy", "retire", "green"]).output == ""  # nothing warm to retire now
 
 
@@ -361,7 +379,8 @@ def test_a_killed_command_nginx_or_colour_is_explained_then_repaired(project: Pa
         notes = _deployer().repair()
         assert any("live colour" in n for n in notes)
         time.sleep(1)
-    after = httpx.post(f"{_front_door()}/detect", files={"image": ("x.jpg", images.jpeg(80, 60, seed=9))})
+    after = httpx.post(f"{_front_door()}/detect", files={"image": ("x.jpg", images.jpeg(80, 60, seed=9))},
+                       headers=auth_headers())
     assert after.status_code == 200 and after.headers["x-model-version"] == v1
     assert _deployer().status()["problems"] == []
 

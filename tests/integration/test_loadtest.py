@@ -49,6 +49,9 @@ def test_loadtest_writes_reports_and_fails_on_a_missed_slo(trained_model_dir: Pa
                          max_p95_ms=slo["max_p95_ms"], max_failure_ratio=slo["max_failure_ratio"])
     assert again.missed == slo["missed"]
     assert "SLO missed" in run.stdout and "failure ratio" in run.stdout
+    # Authentication was on and Locust carried its key: every request ran as tenant loadtest, none got 401.
+    access = [json.loads(line) for line in (out / "serve.log").read_text().splitlines() if line.startswith('{"ts"')]
+    assert access and all(r["tenant"] == "loadtest" and r["status"] != 401 for r in access), access[:3]
 
 
 def test_slo_evaluation() -> None:

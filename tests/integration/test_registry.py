@@ -144,3 +144,52 @@ def test_champion_pyfunc_predicts_like_the_runtime(evaluated: tuple[Path, Path],
     assert runtime_file.endswith("/code/serving/runtime.py")
     assert not runtime_file.startswith(str(Path(__file__).resolve().parents[2]))
     assert columns == str(OUTPUT_COLUMNS)
+
+
+def test_slices_are_evaluated_logged_and_a_target_slice_must_improve(
+        trained_model_dir: Path, yolo_dataset: Path, mlflow_uri: str, tmp_path: Path) -> None:
+    """The val split stands in for a slice: evaluate gives its COCO metrics, the plot and
+    `map50_95/<slice>` on the run; re-registering the same model as challenger leaves the slice's mAP
+    unchanged (CI [0, 0]), so the target-slice gate refuses it and the champion stays."""
+    from mlflow import MlflowClient
+
+    from evaluation.coco import coco_metrics
+    from evaluation.evaluate import evaluate
+    from evaluation.register import register
+    from pipelines.registry import alias_version
+    from serving.runtime import ModelCard
+
+    model_dir = Path(shutil.copytree(trained_model_dir, tmp_path / "models"))
+    out = tmp_path / "evaluate"
+    evaluate_cfg = EvaluateConfig(**{**EVALUATE.model_dump(exclude={"slices"}), "model_dir": model_dir,
+                                     "dataset": yolo_dataset, "out": out,
+                                     "slices": {"valslice": {"dataset": yolo_dataset, "split": "val"}}})
+    metrics = evaluate(evaluate_cfg)
+    sliced = metrics["slices"]["valslice"]
+    gt = json.loads((out / "slices" / "valslice" / "coco_gt.json").read_text())
+    dt = json.loads((out / "slices" / "valslice" / "coco_dt.json").read_text())
+    assert sliced["n_images"] == len(list((yolo_dataset / "images" / "val").iterdir())) == len(gt["images"])
+    assert sliced["map50_95"] == pytest.approx(coco_metrics(gt, dt).map50_95)
+    assert (out / "slices.png").stat().st_size > 0
+    assert json.loads((out / "metrics.json").read_text())["slices"]["valslice"]["split"] == "val"
+    run = MlflowClient().get_run(ModelCard.load(model_dir / "model_card.json").run_id)
+    assert run.data.metrics["map50_95/valslice"] == pytest.approx(sliced["map50_95"])
+    assert run.data.metrics["map50_95/base"] == pytest.approx(metrics["map50_95"])
+
+    name = "test-slices"
+    gates = PASSING.model_copy(update={"target_slices": ["valslice"], "min_target_improvement": 0.01})
+    cfg = RegisterConfig(model_name=name, model_dir=model_dir, evaluation=out, dataset=yolo_dataset, gates=gates)
+    first = register(cfg, evaluate_cfg)
+    assert first.promoted and "no champion" in {c.name: c for c in first.checks}["improves/valslice"].note
+    second = register(cfg, evaluate_cfg)
+    check = {c.name: c for c in second.checks}["improves/valslice"]
+    assert not check.passed and check.value == 0.0 and not second.promoted
+    assert {c.name for c in second.checks if not c.passed} == {"improves/valslice"}
+    assert alias_version(name, "champion") == "1" and alias_version(name, "challenger") == "2"
+    saved = json.loads((out / "gates.json").read_text())
+    assert saved["slices"]["valslice"]["delta"] == 0.0
+    assert (out / "slices_vs_champion.png").stat().st_size > 0
+
+    with pytest.raises(DetopsError, match=r"target_slices \['typo'\] are not in evaluate.slices"):
+        register(cfg.model_copy(update={"gates": gates.model_copy(update={"target_slices": ["typo"]})}),
+                 evaluate_cfg)

@@ -332,3 +332,28 @@ def test_every_response_names_the_model_version(server: dict) -> None:
     assert ok.headers["x-model-version"] == ok.json()["model"]["version"]
     assert bad.status_code == 415 and probe.status_code == 200
     assert bad.headers["x-model-version"] == probe.headers["x-model-version"] == ok.headers["x-model-version"]
+
+
+def test_the_kubernetes_manifests_use_metrics_and_probe_routes_this_service_has(server: dict) -> None:
+    """deploy/k8s's analyses and alerts query the service's own series (read here from /metrics after
+    one request), with the labels they filter on; its probes answer, saying which version serves."""
+    from tests.unit.test_k8s import rendered
+
+    assert post(server, "/detect", {"image": ("k.png", images.png(50, 40, seed=11))}).status_code == 200
+    text = httpx.get(server["url"] + "/metrics").text
+    exposed = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+    objects = rendered("production")
+    queries = [m["provider"]["prometheus"]["query"] for o in objects if o["kind"] == "AnalysisTemplate"
+               for m in o["spec"]["metrics"] if "prometheus" in m["provider"]]
+    queries += [r["expr"] for o in objects if o["kind"] == "PrometheusRule" for g in o["spec"]["groups"]
+                for r in g["rules"]]
+    used = {n for q in queries for n in re.findall(r"\b(?:bentoml|detops)_[a-z0-9_]+", q)}
+    from_service = {n for n in used if not n.startswith(("detops_drift_", "detops_jobs_"))}  # pushed / exported
+    assert {"bentoml_service_request_total", "bentoml_service_request_duration_seconds_bucket"} <= from_service
+    assert from_service <= exposed, from_service - exposed
+    assert re.search(r'bentoml_service_request_total\{[^}]*endpoint="/detect"[^}]*http_response_code="200"', text)
+    rollout = next(o for o in objects if o["kind"] == "Rollout")
+    container = rollout["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        answer = httpx.get(server["url"] + container[probe]["httpGet"]["path"])
+        assert answer.status_code == 200 and answer.headers.get("X-Model-Version"), (probe, answer.headers)

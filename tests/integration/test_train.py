@@ -158,6 +158,28 @@ def test_training_uses_every_core_and_its_workers_and_repeats_exactly(yolo_datas
     assert curves[0] == curves[1]
 
 
+@pytest.mark.integration
+def test_fine_tuning_starts_from_the_given_weights(trained_model_dir: Path, yolo_dataset: Path, mlflow_uri: str,
+                                                   tmp_path: Path) -> None:
+    """train.weights: one epoch at a negligible learning rate keeps the convolution weights of the
+    model it started from (a fresh start would not: ultralytics rebuilds the model unless told)."""
+    import torch
+
+    from training.train import train
+
+    out = tmp_path / "models"
+    train(TrainConfig(dataset=yolo_dataset, out=out, imgsz=64, epochs=1, batch=8, workers=0, lr0=1e-9,
+                      weights=trained_model_dir / WEIGHTS_FILE, hyp={"warmup_epochs": 0, "weight_decay": 0.0},
+                      experiment="tests", runs=tmp_path / "runs", report=tmp_path / "report"))
+
+    def first_conv(path: Path) -> torch.Tensor:
+        model = torch.load(path, map_location="cpu", weights_only=False)["model"]
+        return next(v for k, v in model.state_dict().items() if k.endswith("conv.weight")).float()
+
+    before, after = first_conv(trained_model_dir / WEIGHTS_FILE), first_conv(out / WEIGHTS_FILE)
+    assert torch.allclose(before, after, atol=1e-4), float((before - after).abs().max())
+
+
 def test_bad_config_fails_before_any_run(yolo_dataset: Path, tmp_path: Path) -> None:
     """Each mistake is a one-line DetopsError naming it, and the model folder is left alone."""
     from training.train import train
@@ -172,6 +194,7 @@ def test_bad_config_fails_before_any_run(yolo_dataset: Path, tmp_path: Path) -> 
         (dict(hyp={"not_an_arg": 1}), "train.hyp.not_an_arg: not an ultralytics train argument"),
         (dict(hyp={"epochs": 3}), "train.hyp.epochs: set by detops"),
         (dict(hyp={"mosaic": 2.0}), "'mosaic=2.0' is an invalid value"),
+        (dict(weights=tmp_path / "nope.pt"), "train.weights: "),
     ]
     for change, message in bad:
         cfg = TrainConfig(**{"dataset": yolo_dataset, "out": out, "runs": tmp_path / "runs",

@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.load.run import IMAGES_ENV, evaluate_slo, load_config
+from serving.client import auth_headers  # noqa: E402
+from tests.load.run import IMAGES_ENV, evaluate_slo, load_config  # noqa: E402
 
 CFG = load_config()
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -94,6 +95,7 @@ class DetectorUser(HttpUser):
         self.batch_size = opts.batch_images
         start = random.randrange(len(self.images))
         self.next_image = itertools.cycle(self.images[start:] + self.images[:start]).__next__
+        self.client.headers.update(auth_headers())  # DETOPS_API_KEY
 
     @task(8)
     def detect(self) -> None:

@@ -75,10 +75,13 @@ def locust_argv(cfg: LoadTestConfig, host: str) -> list[str]:
             "--batch-images", str(cfg.batch_images), "--synthetic-images", str(cfg.synthetic_images)]
 
 
-def run_locust(cfg: LoadTestConfig, host: str) -> int:
-    """Run Locust to completion (bounded by `cfg.run_time`); returns its exit code."""
+def run_locust(cfg: LoadTestConfig, host: str, key: str | None = None) -> int:
+    """Run Locust to completion (bounded by `cfg.run_time`) with API key `key` (else DETOPS_API_KEY's);
+    returns its exit code."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if key is not None:
+        env["DETOPS_API_KEY"] = key
     if cfg.images is not None:
         env[IMAGES_ENV] = str(cfg.images.resolve())
     seconds = int(cfg.run_time[:-1]) * {"s": 1, "m": 60, "h": 3600}[cfg.run_time[-1]]
@@ -139,16 +142,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: LoadTestConfig) -> int:
-    from tests.serving_process import detector_service
+    from tests.serving_process import auth_overrides, detector_service, mint_key, service_env
 
-    overrides = {} if cfg.cache else {"DETOPS_SERVE_CACHE_ENTRIES": "0"}
     with tempfile.TemporaryDirectory(prefix="detops-load-") as tmp:
         workdir = Path(tmp)
+        # Authentication on, as in production: Locust sends a key of its own tenant.
+        overrides = {**auth_overrides(workdir), **({} if cfg.cache else {"DETOPS_SERVE_CACHE_ENTRIES": "0"})}
+        key = mint_key(service_env(workdir, overrides), tenant="loadtest", scopes="detect")
         try:
             with detector_service(cfg.model_dir, workdir, overrides=overrides) as server:
                 print(f"service ready at {server.url} (pid {server.pid}); Locust for {cfg.run_time}, "
                       f"{cfg.users} users", flush=True)
-                code = run_locust(cfg, server.url)
+                code = run_locust(cfg, server.url, key)
         finally:
             if (workdir / "serve.log").is_file():  # kept for post-mortems
                 cfg.out.mkdir(parents=True, exist_ok=True)

@@ -89,3 +89,18 @@ def test_bad_dataset_yaml_is_one_clear_error(tmp_path: Path, text: str, message:
 def test_dataset_names_as_mapping_keep_id_order(tmp_path: Path) -> None:
     (tmp_path / "dataset.yaml").write_text("names: {1: circle, 0: square}")
     assert YoloDataset.load(tmp_path).class_names == ["square", "circle"]
+
+
+def test_evaluation_slices_are_named_datasets_and_base_is_reserved() -> None:
+    from pydantic import ValidationError
+
+    from pipelines.config.model import EvaluateConfig
+
+    cfg = EvaluateConfig(slices={"dark-1": {"dataset": "data/slices/dark"}})
+    assert cfg.slices["dark-1"].split == "test" and cfg.slices["dark-1"].dataset == Path("data/slices/dark")
+    with pytest.raises(ValidationError, match="reserved"):
+        EvaluateConfig(slices={"base": {"dataset": "x"}})
+    with pytest.raises(ValidationError, match="slices"):
+        EvaluateConfig(slices={"no spaces": {"dataset": "x"}})
+    with pytest.raises(ValidationError, match="split"):
+        EvaluateConfig(slices={"dark": {"dataset": "x", "split": "holdout"}})

@@ -109,3 +109,18 @@ def test_drift_cli_on_logged_traffic(reference: Path, trained_model_dir: Path, t
         run_drift(DriftConfig(store=store, reference=reference, out=out, window_last_n=WINDOW))
     with pytest.raises(DetopsError, match="window has 50 logged images"):
         run_drift(DriftConfig(store=store, reference=reference, out=out, window_last_n=50))
+
+    # After a rollout: version 2 answers in-distribution traffic. Its window (--model-version 2) reads
+    # only its own records, so the dark records of version 1 logged just before cannot leak in.
+    logger = PredictionLogger(store, class_names=runtime.class_names)
+    for path in _window_images(tmp_path / "calm", None, seed=12):
+        image = read_rgb(path)
+        logger.log(image, sha256=hashlib.sha256(path.read_bytes()).hexdigest(), request_id=path.name,
+                   detections=runtime.predict([image])[0], model_name="m", model_version="2")
+    logger.close()
+    mixed = ["drift", "--store", str(store), "--reference", str(reference), "--out", str(out),
+             "--last-n", str(2 * WINDOW)]
+    assert CliRunner().invoke(app, mixed).exit_code == 3  # both versions' records: the dark ones drift
+    after = CliRunner().invoke(app, [*mixed, "--model-version", "2"])
+    assert after.exit_code == 0, after.output
+    assert f"model version 2 ({WINDOW} images)" in after.output

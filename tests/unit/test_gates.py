@@ -93,3 +93,52 @@ def test_load_metrics_errors_name_the_problem(tmp_path: Path) -> None:
     path.write_text("{not json")
     with pytest.raises(DetopsError, match="not valid JSON"):
         load_metrics(path)
+
+
+# --------------------------------------------------------------------------- target slices
+TARGETED = Gates(**{**GATES.model_dump(), "target_slices": ["dark"], "min_target_improvement": 0.05})
+
+
+def _slice(ci_low: float) -> ChampionComparison:
+    return ChampionComparison(champion_version="3", champion_map50_95=0.2, challenger_map50_95=0.4,
+                              delta=ci_low + 0.05, ci_low=ci_low, ci_high=ci_low + 0.1, bootstrap_samples=200)
+
+
+@pytest.mark.parametrize(("ci_low", "passed"), [(0.2, True), (0.05, True), (0.049, False), (-0.1, False)])
+def test_target_slice_needs_the_ci_lower_end_above_the_margin(ci_low: float, passed: bool) -> None:
+    checks = _by_name(check_gates(GOOD, TARGETED, _comparison(0.0), {"dark": _slice(ci_low)}))
+    assert checks["improves/dark"].passed is passed
+    assert checks["improves/dark"].value == ci_low and checks["improves/dark"].threshold == 0.05
+    assert checks["no_regression"].passed  # the base split did not regress: only the target decides
+
+
+def test_target_slice_gate_fails_even_when_the_base_improves() -> None:
+    checks = _by_name(check_gates(GOOD, TARGETED, _comparison(0.1), {"dark": _slice(0.0)}))
+    assert checks["no_regression"].passed and not checks["improves/dark"].passed
+
+
+def test_target_slice_without_champion_passes_with_a_note_and_missing_comparison_is_an_error() -> None:
+    check = _by_name(check_gates(GOOD, TARGETED, None))["improves/dark"]
+    assert check.passed and "no champion" in check.note
+    with pytest.raises(DetopsError, match="slice 'dark' has no champion comparison"):
+        check_gates(GOOD, TARGETED, _comparison(0.0), {"other": _slice(0.2)})
+
+
+def test_target_margin_must_be_positive_and_slice_names_valid() -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="min_target_improvement"):
+        Gates(min_target_improvement=0)
+    with pytest.raises(ValidationError, match="target_slices"):
+        Gates(target_slices=["bad name"])
+
+
+def test_report_json_carries_the_slice_comparisons(tmp_path: Path) -> None:
+    comparison = _comparison(0.0)
+    slices = {"dark": _slice(0.1)}
+    report = GateReport("m", check_gates(GOOD, TARGETED, comparison, slices), version="4", comparison=comparison,
+                        slices=slices)
+    report.write(tmp_path / "gates.json")
+    data = json.loads((tmp_path / "gates.json").read_text())
+    assert data["passed"] and data["slices"]["dark"]["ci_low"] == 0.1
+    assert data["checks"]["improves/dark"]["passed"]

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from labeling.ingest import REPORT_NAME, assign_splits, ingest, rectangle_corners
@@ -481,3 +482,44 @@ def test_synthetic_project_ingests_with_every_quirk_counted(raw_project, yolo_da
                 box = label.box(width, height)
                 eps = 1e-3  # labels are written with 6 decimals
                 assert -eps <= box.x1 < box.x2 <= width + eps and -eps <= box.y1 < box.y2 <= height + eps
+
+
+# --------------------------------------------------------------------------- feedback holdout
+def test_feedback_holdout_is_a_slice_never_seen_by_training(tmp_path):
+    """A share of the feedback export's images (by content hash) becomes a test-only slice dataset;
+    the rest of the feedback goes to train; the base export splits as before; re-ingesting holds out
+    the same images."""
+    base = simple_project(tmp_path / "base", 12)
+    feedback = simple_project(tmp_path / "fb", 20, seed0=500)
+    holdout = {"exports": [feedback], "fraction": 0.4, "out": tmp_path / "slice"}
+    report = ingest(cfg_for([base, feedback], tmp_path / "ds", holdout=holdout))
+    held = YoloDataset.load(tmp_path / "slice")
+    assert held.splits == ("test",)
+    held_stems = {p.stem.split("_", 1)[1] for p in held.images("test")}
+    fb_stems = {f"img{500 + i}" for i in range(20)}
+    assert held_stems and held_stems <= fb_stems  # from the feedback export only
+    assert 2 <= len(held_stems) <= 14  # ~40% of 20
+    splits = split_by_stem(tmp_path / "ds")
+    assert not held_stems & set(splits)  # a held-out image is in no split of the training dataset
+    fed = {s: v for s, v in splits.items() if s in fb_stems}
+    assert len(fed) == 20 - len(held_stems) and set(fed.values()) == {"train"}
+    assert {s: v for s, v in splits.items() if s not in fb_stems} == split_by_stem(
+        _plain(base, tmp_path / "plain"))  # base images split exactly as without feedback
+    assert any("holdout" in n for n in report.notes)
+    for label in held.images("test"):
+        assert held.labels(label)  # labels travel with the held-out images
+
+    ingest(cfg_for([base, feedback], tmp_path / "ds2", holdout={**holdout, "out": tmp_path / "slice2"}))
+    assert {p.name for p in YoloDataset.load(tmp_path / "slice2").images("test")} == \
+        {p.name for p in held.images("test")}
+
+
+def _plain(export: Path, out: Path) -> Path:
+    ingest(cfg_for(export, out))
+    return out
+
+
+def test_holdout_must_name_an_ingested_export(tmp_path):
+    base = simple_project(tmp_path / "base", 4)
+    with pytest.raises(ValidationError, match="not among ingest.export"):
+        cfg_for(base, tmp_path / "ds", holdout={"exports": [tmp_path / "other.json"], "out": tmp_path / "s"})

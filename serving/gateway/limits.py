@@ -1,0 +1,77 @@
+"""Per-key rate limits and per-tenant quotas with the `limits` library (5.8).
+
+Storage from DETOPS_LIMITS_STORAGE_URL: `memory://` by default (per worker process: fine for one
+embedded worker, not shared), `redis://host:6379/N` in production, which every worker of both colours
+shares, so a key's limit holds across the whole deployment. Fixed windows: requests and images per
+second per key (each tenant may have its own rates), images per UTC day per tenant. Over a limit: `RequestRejected` 429 with the seconds
+until the window resets (Retry-After). When the storage cannot be reached the limits fail open (a
+warning in the log): a down Redis must not take /detect down with it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Mapping
+
+from limits import RateLimitItemPerDay, RateLimitItemPerSecond
+from limits.storage import storage_from_string
+from limits.strategies import FixedWindowRateLimiter
+
+from pipelines.config.gateway import GatewayConfig
+from serving.imaging import RequestRejected
+
+STORAGE_ENV = "DETOPS_LIMITS_STORAGE_URL"
+log = logging.getLogger(__name__)
+
+
+class Limits:
+    """The limits of `gateway:` on one storage (see the module docstring)."""
+
+    def __init__(self, cfg: GatewayConfig, environ: Mapping[str, str] | None = None) -> None:
+        url = (os.environ if environ is None else environ).get(STORAGE_ENV, "memory://")
+        self.cfg = cfg
+        self.storage_url = url.split("@")[-1]  # never log a password
+        self.limiter = FixedWindowRateLimiter(storage_from_string(url))
+
+    def _hit(self, item: object, ident: str, cost: int, code: str, what: str) -> None:
+        try:
+            if self.limiter.hit(item, ident, cost=cost):  # type: ignore[arg-type]
+                return
+            reset = self.limiter.get_window_stats(item, ident).reset_time  # type: ignore[arg-type]
+        except Exception as exc:  # the storage is down: fail open, say so
+            log.warning("rate-limit storage %s unavailable (%s): %s not enforced", self.storage_url,
+                        type(exc).__name__, what)
+            return
+        retry = max(1, math.ceil(reset - time.time()))
+        raise RequestRejected(code, f"{what}; retry after {retry} s", 429, retry_after=retry)
+
+    def request(self, key_id: str, tenant: str) -> None:
+        """Count one request of `key_id` (429 over the tenant's gateway.requests_per_s)."""
+        rate = self.cfg.policy(tenant).requests_per_s or self.cfg.requests_per_s
+        self._hit(RateLimitItemPerSecond(rate, namespace="detops-req"), key_id, 1, "rate_limited",
+                  f"over {rate} requests/s for this key (gateway.requests_per_s)")
+
+    def images_now(self, key_id: str, tenant: str, n: int) -> None:
+        """Count `n` images sent for synchronous detection by `key_id` (429 over gateway.images_per_s)."""
+        rate = self.cfg.policy(tenant).images_per_s or self.cfg.images_per_s
+        if n > rate:
+            raise RequestRejected("rate_limited", f"{n} images in one request is over {rate} images/s for this key "
+                                  "(gateway.images_per_s)", 429, retry_after=1)
+        self._hit(RateLimitItemPerSecond(rate, namespace="detops-img"), key_id, n, "rate_limited",
+                  f"over {rate} images/s for this key (gateway.images_per_s)")
+
+    def images_today(self, tenant: str, n: int) -> None:
+        """Count `n` images against the tenant's daily quota (429 `quota_exceeded`)."""
+        per_day = self.cfg.policy(tenant).images_per_day or self.cfg.images_per_day
+        self._hit(RateLimitItemPerDay(per_day, namespace="detops-day"), tenant, n, "quota_exceeded",
+                  f"tenant {tenant!r} is over its quota of {per_day} images per day (gateway.images_per_day)")
+
+    def job_size(self, tenant: str, n: int) -> None:
+        """A job of `n` images must fit the tenant's job size (413 `job_too_large`)."""
+        most = self.cfg.policy(tenant).max_job_images or self.cfg.max_job_images
+        if n > most:
+            raise RequestRejected("too_many_images", f"{n} images is over tenant {tenant!r}'s limit of {most} "
+                                  "images per job (gateway.max_job_images)", 413)

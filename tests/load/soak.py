@@ -1,0 +1,163 @@
+"""`make soak` (not a test): a steady moderate load for a long time (default 10 minutes) across /detect
+and jobs, by two tenants with their own keys, against a real service with authentication on and a real
+`detops worker`; reports errors (target 0), p95 per endpoint and the RSS growth of every process, the
+service's workers and the job workers included (target < 10 %).
+
+The service (2 BentoML workers), the job store (SQLite), the embedded broker and the object store live
+in a temporary folder; the model folder (`--model-dir`, default loadtest.model_dir) is imported into a
+private BentoML home and registered in a private MLflow registry as the workers' @champion.
+RSS growth is measured from the first sample after a one-minute warm-up (or a sixth of the run when
+shorter) to the last, per process. Exit code 0 when both targets are met, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[2]
+LOCUSTFILE = Path(__file__).with_name("soak_locustfile.py")
+PEPPER = "soak-only-pepper-0123456789abcdef"
+
+
+def _seconds(text: str) -> int:
+    return int(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]]
+
+
+class RssSampler:
+    """Every `interval_s`, the RSS of each process under the given roots (children included)."""
+
+    def __init__(self, roots: dict[str, int], interval_s: float) -> None:
+        self.roots, self.interval_s = roots, interval_s
+        self.samples: list[tuple[float, dict[str, int]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now: dict[str, int] = {}
+            for name, pid in self.roots.items():
+                try:
+                    root = psutil.Process(pid)
+                    for p in [root, *root.children(recursive=True)]:
+                        now[f"{name}:{p.pid}:{' '.join(p.cmdline()[1:4])[:60]}"] = p.memory_info().rss
+                except psutil.NoSuchProcess:
+                    continue
+            self.samples.append((time.monotonic(), now))
+            self._stop.wait(self.interval_s)
+
+    def growth(self, warmup_s: float) -> list[dict[str, object]]:
+        """Per process: RSS after warm-up, at the end, growth in %."""
+        if not self.samples:
+            return []
+        t0 = self.samples[0][0]
+        base = next((s for t, s in self.samples if t - t0 >= warmup_s), self.samples[0][1])
+        last = self.samples[-1][1]
+        return [{"process": name, "rss_start_mb": round(base[name] / 2**20, 1), "rss_end_mb": round(last[name] / 2**20, 1),
+                 "growth_pct": round(100 * (last[name] - base[name]) / base[name], 1)}
+                for name in sorted(set(base) & set(last))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines import environment
+    from pipelines.config.base import load_section
+    from pipelines.config.serving import LoadTestConfig
+
+    environment.configure()
+    cfg = load_section(LoadTestConfig)
+    parser = argparse.ArgumentParser(prog="python -m tests.load.soak", description=__doc__.split("\n")[0])
+    parser.add_argument("--model-dir", type=Path, default=cfg.model_dir)
+    parser.add_argument("--run-time", default="10m", help="e.g. 30s, 10m")
+    parser.add_argument("--users", type=int, default=6)
+    parser.add_argument("--out", type=Path, default=Path("reports/soak"))
+    args = parser.parse_args(argv)
+    if not (args.model_dir / "model.onnx").is_file():
+        print(f"error: {args.model_dir}: no model.onnx; run `make pipeline` first, or pass --model-dir DIR",
+              file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="detops-soak-") as tmp:
+        return _soak(args, Path(tmp))
+
+
+def _soak(args: argparse.Namespace, tmp: Path) -> int:
+    import mlflow
+
+    from pipelines.registry import set_champion
+    from tests.jobs_services import register_model_dir, start_worker
+    from tests.serving_process import detector_service
+
+    mlflow_uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    env = {"DETOPS_KEY_PEPPER": PEPPER, "DETOPS_GATEWAY_AUTH": "true", "DETOPS_DATABASE_URL": f"sqlite:///{tmp / 'jobs.db'}",
+           "DETOPS_BROKER_URL": f"sqla+sqlite:///{tmp / 'broker.db'}", "DETOPS_OBJECT_STORE_URL": str(tmp / "objects"),
+           "DETOPS_JOBS_DATA_DIR": str(tmp / "jobs"), "MLFLOW_TRACKING_URI": mlflow_uri, "DETOPS_CACHE_DIR": str(tmp / "cache"),
+           "DETOPS_SERVE_CACHE_ENTRIES": "0"}
+    os.environ.update(env)
+    mlflow.set_tracking_uri(mlflow_uri)
+    set_champion("detops-soak", register_model_dir(args.model_dir, "detops-soak"), reason="soak")
+    keys = []
+    for tenant in ("soak-a", "soak-b"):
+        out = subprocess.run([sys.executable, "-m", "pipelines.cli", "keys", "create", "--tenant", tenant, "--scopes",
+                              "detect,jobs:write,jobs:read"], cwd=ROOT, env={**os.environ}, capture_output=True,
+                             text=True, check=True).stdout
+        keys.append(out.strip().splitlines()[-1])
+    with detector_service(args.model_dir, tmp, overrides=env) as server:
+        # The workers load the registry's detops-soak@champion; the service imported the same folder.
+        worker = start_worker({**os.environ, **env, "DETOPS_SERVE_MODEL_NAME": "detops-soak"}, tmp / "worker.log",
+                              concurrency=1)
+        sampler = RssSampler({"service": server.pid, "jobs-worker": worker.pid}, interval_s=5)
+        sampler.start()
+        seconds = _seconds(args.run_time)
+        print(f"soak: {server.url}, {args.users} users, two tenants, {args.run_time}", flush=True)
+        try:
+            subprocess.run([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", server.url,
+                            "-u", str(args.users), "-r", "2", "-t", args.run_time, "--csv", str(args.out / "soak"),
+                            "--only-summary", "--exit-code-on-error", "0"], cwd=ROOT,
+                           env={**os.environ, "DETOPS_SOAK_KEYS": ",".join(keys), "PYTHONPATH": str(ROOT)},
+                           timeout=seconds + 300, check=False)
+        finally:
+            sampler.stop()
+            worker.stop()
+    series = [{"t_s": round(t - sampler.samples[0][0], 1), "rss_mb": {k: round(v / 2**20, 1) for k, v in rss.items()}}
+              for t, rss in sampler.samples]
+    (args.out / "soak_rss.json").write_text(json.dumps(series))  # to tell a plateau from a leak
+    return _report(args.out, sampler.growth(warmup_s=min(60, seconds / 6)))
+
+
+def _report(out: Path, growth: list[dict[str, object]]) -> int:
+    stats = list(csv.DictReader((out / "soak_stats.csv").open()))
+    rows = [{"endpoint": r["Name"], "requests": int(r["Request Count"]), "failures": int(r["Failure Count"]),
+             "p95_ms": float(r["95%"] or 0)} for r in stats]
+    total = next(r for r in rows if r["endpoint"] == "Aggregated")
+    worst = max((g["growth_pct"] for g in growth), default=0.0)
+    summary = {"endpoints": rows, "errors": total["failures"], "requests": total["requests"], "rss": growth,
+               "max_rss_growth_pct": worst, "met": total["failures"] == 0 and worst < 10 and total["requests"] > 0}
+    (out / "soak.json").write_text(json.dumps(summary, indent=2))
+    for r in rows:
+        print(f"{r['endpoint']:<24} {r['requests']:>7} requests {r['failures']:>5} failures  p95 {r['p95_ms']:.0f} ms")
+    for g in growth:
+        print(f"RSS {g['process']:<70} {g['rss_start_mb']:>8} -> {g['rss_end_mb']:>8} MB ({g['growth_pct']:+.1f} %)")
+    print(f"soak {'met' if summary['met'] else 'MISSED'} its targets (0 errors, RSS growth < 10 %): "
+          f"{total['failures']} errors, max RSS growth {worst:+.1f} %; {out / 'soak.json'}")
+    return 0 if summary["met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
