@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -150,15 +151,35 @@ def _params(cfg: LoopConfig, work: Path) -> Iterator[Path]:
                             shadow={"enabled": False}, canary={"enabled": False})
     path = work / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
-    previous = os.environ.get("DETOPS_PARAMS")
-    os.environ["DETOPS_PARAMS"] = str(path)
+    # Authentication stays on (docs/access.md): the colours check keys against this loop's job store with
+    # a pepper of its own (unless the caller set one), and `simulate` sends a key of tenant loop-demo.
+    access = {"DETOPS_PARAMS": str(path),
+              "DETOPS_KEY_PEPPER": os.environ.get("DETOPS_KEY_PEPPER") or secrets.token_hex(32),
+              "DETOPS_DATABASE_URL": os.environ.get("DETOPS_DATABASE_URL") or f"sqlite:///{work / 'jobs.db'}"}
+    saved = {name: os.environ.get(name) for name in (*access, "DETOPS_API_KEY")}
+    os.environ.update(access)
+    os.environ["DETOPS_API_KEY"] = _loop_key()  # always this loop's own: another key may not be in its store
     try:
         yield path
     finally:
-        if previous is None:
-            os.environ.pop("DETOPS_PARAMS", None)
-        else:
-            os.environ["DETOPS_PARAMS"] = previous
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _loop_key() -> str:
+    """A `detect` key of tenant loop-demo in the job store of DETOPS_DATABASE_URL."""
+    from serving.gateway.keys import KeyStore, pepper
+    from serving.jobs.store import JobStore
+
+    store = JobStore(os.environ["DETOPS_DATABASE_URL"])
+    try:
+        store.create_schema()
+        return KeyStore(store, pepper()).create("loop-demo", "detect", "loop demo")[1]
+    finally:
+        store.close()
 
 
 def _timed(result: LoopResult, name: str, t0: float) -> float:

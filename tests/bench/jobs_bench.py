@@ -39,6 +39,7 @@ from pathlib import Path
 import httpx
 
 from pipelines.errors import DetopsError
+from serving.client import auth_headers
 
 TARGET_BATCH_OVER_RAW = 0.9
 
@@ -118,10 +119,13 @@ def bench_queue(model_dir: Path, files: list[Path], workdir: Path, processes: in
     worker`: the best images/s from the 202 (the job's own created-to-finished time, from the
     store) and from the POST (upload included)."""
     from tests.jobs_services import start_worker
-    from tests.serving_process import detector_service
+    from tests.serving_process import BENCH_OVERRIDES, TEST_PEPPER, detector_service, mint_key
 
     env = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"], "DETOPS_JOBS_DATA_DIR": str(workdir / "jobs"),
-           "DETOPS_JOBS_MAX_IMAGES_PER_JOB": str(len(files)), "DETOPS_JOBS_WORKER_THREADS": "1", **urls}
+           "DETOPS_JOBS_MAX_IMAGES_PER_JOB": str(len(files)), "DETOPS_JOBS_WORKER_THREADS": "1",
+           "DETOPS_GATEWAY_AUTH": "true", "DETOPS_KEY_PEPPER": TEST_PEPPER, **BENCH_OVERRIDES,
+           "DETOPS_DATABASE_URL": f"sqlite:///{workdir / 'jobs' / 'jobs.db'}", **urls}
+    headers = auth_headers(mint_key(env, tenant="bench", scopes="jobs:write,jobs:read"))
     runs = []
     with detector_service(model_dir, workdir, overrides=env) as server:
         store_url = urls.get("DETOPS_DATABASE_URL", f"sqlite:///{workdir / 'jobs' / 'jobs.db'}")
@@ -132,13 +136,14 @@ def bench_queue(model_dir: Path, files: list[Path], workdir: Path, processes: in
             for _ in range(rounds):
                 cpu = _tree_cpu(worker.pid)
                 posted = time.perf_counter()
-                response = httpx.post(server.url + "/jobs", files=uploads, timeout=600)
+                response = httpx.post(server.url + "/jobs", files=uploads, timeout=600, headers=headers)
                 upload_s = time.perf_counter() - posted
                 if response.status_code != 202:
                     raise DetopsError(f"POST /jobs: {response.status_code} {response.text[:300]}")
                 job_id = response.json()["job_id"]
                 # Polled as a client would (every 0.5 s: polling takes no CPU from the workers).
-                while (status := httpx.get(f"{server.url}/jobs/{job_id}", timeout=60).json())["status"] in (
+                while (status := httpx.get(f"{server.url}/jobs/{job_id}", timeout=60,
+                                           headers=headers).json())["status"] in (
                         "queued", "running"):
                     time.sleep(0.5)
                 if status["status"] != "succeeded" or status["counts"]["succeeded"] != len(files):

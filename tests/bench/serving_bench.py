@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.errors import DetopsError
+from serving.client import auth_headers
 
 WRK_SCRIPT = Path(__file__).with_name("wrk_detect.lua")
 TARGET_SERVED_OVER_RAW = {640: 0.85, 160: 0.6}
@@ -171,7 +172,7 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, n_request
     counts = {"ok": 0, "failed": 0}
     next_index = iter(range(n_requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=120, limits=limits, headers=auth_headers()) as client:
         for i in range(concurrency):  # warm-up: one request per connection, not measured
             await _post(client, url, images[i % len(images)], i)
         deadline = time.perf_counter() + max_seconds
@@ -195,7 +196,8 @@ async def paced(url: str, images: list[bytes], rate: float, n_requests: int) -> 
     """`n_requests` sent at a steady `rate` per second whatever the answers (open loop)."""
     import httpx
 
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None)) as client:
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=None),
+                                 headers=auth_headers()) as client:
         await _post(client, url, images[0], 0)
         start = time.perf_counter()
 
@@ -285,7 +287,8 @@ def run(args: argparse.Namespace) -> dict:
     """Every row, the cache-hit measurement and the machine; the JSON report."""
     from serving.imaging import decode_image
     from serving.runtime import ModelCard
-    from tests.serving_process import detector_service, synthetic_jpegs
+    from tests.serving_process import (BENCH_OVERRIDES, auth_overrides, detector_service, mint_key, service_env,
+                                       synthetic_jpegs)
 
     model_dir = args.model_dir
     missing = [f for f in ("model.onnx", "model_card.json", "best.pt") if not (model_dir / f).is_file()]
@@ -307,6 +310,10 @@ def run(args: argparse.Namespace) -> dict:
         for i, data in enumerate(jpegs):
             files.append(jpeg_dir / f"img{i:03d}.jpg")
             files[-1].write_bytes(data)
+        # Authentication on, as in production, with the per-key rates out of the way (capacity is measured);
+        # every service of the run checks keys in one job store. wrk_detect.lua sends DETOPS_API_KEY too.
+        secured = {**auth_overrides(work), **BENCH_OVERRIDES}
+        os.environ["DETOPS_API_KEY"] = mint_key(service_env(work, secured), tenant="bench", scopes="detect")
         print(f"models: {card.name} at {args.sizes}, {args.precisions}", flush=True)
         folders = prepare_models(model_dir, args.sizes, args.precisions, calib, work / "models")
         naive_rates: dict[int, dict] = {}
@@ -316,7 +323,7 @@ def run(args: argparse.Namespace) -> dict:
             print(f"  raw machine: {raw['best_decode_excluded']:.1f} img/s decode excluded, "
                   f"{raw['best_decode_included']:.1f} decode included", flush=True)
             with detector_service(folder, work / f"serve-{size}-{precision}",
-                                  overrides={"DETOPS_SERVE_CACHE_ENTRIES": "0"}) as server:
+                                  overrides={"DETOPS_SERVE_CACHE_ENTRIES": "0", **secured}) as server:
                 url = server.url + "/detect"
                 run_wrk(url, files, "raw", args.connections, 2)  # warm-up
                 loads = [run_wrk(url, files, mode, args.connections, args.seconds) for mode in ("raw", "multipart")]
@@ -352,7 +359,7 @@ def run(args: argparse.Namespace) -> dict:
         big = cache_hit_jpeg()
         (work / "big.jpg").write_bytes(big)
         first = folders[min(folders)]
-        with detector_service(first, work / "serve-cache", overrides={"DETOPS_SERVE_CACHE_ENTRIES": "64"}) as server:
+        with detector_service(first, work / "serve-cache", overrides={"DETOPS_SERVE_CACHE_ENTRIES": "64", **secured}) as server:
             url = server.url + "/detect"
             run_wrk(url, [work / "big.jpg"], "raw", 1, 1)  # the first request fills the cache
             hits = {mode: run_wrk(url, [work / "big.jpg"], mode, 1, args.latency_seconds) for mode in ("raw", "multipart")}

@@ -2,7 +2,9 @@
 -- `image`) or as the raw request body (Content-Type image/jpeg), and prints one JSON line of
 -- results at the end (requests, errors, latency percentiles in ms).
 -- Usage: wrk -t1 -c8 -d10s -s wrk_detect.lua URL -- multipart|raw FILE...
+-- The API key comes from DETOPS_API_KEY (as for every client of the repository).
 local bodies, content_types, counter = {}, {}, 0
+local api_key = os.getenv("DETOPS_API_KEY")
 local boundary = "detops-bench-boundary"
 
 local function read(path)
@@ -32,7 +34,11 @@ end
 
 function request()
   counter = counter % #bodies + 1
-  return wrk.format("POST", nil, {["Content-Type"] = content_types[counter]}, bodies[counter])
+  local headers = {["Content-Type"] = content_types[counter]}
+  if api_key and api_key ~= "" then
+    headers["Authorization"] = "Bearer " .. api_key
+  end
+  return wrk.format("POST", nil, headers, bodies[counter])
 end
 
 function done(summary, latency, requests)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner, Result
 from pipelines.cli.main import app
 from pipelines.environment import PROJECT_ROOT
 from pipelines.processes import HOST, free_port, running
+from serving.client import auth_headers
 
 pytestmark = pytest.mark.integration
 
@@ -163,7 +164,8 @@ def test_build_then_plain_bentoml_serve_and_monitoring_verbs(workdir: Path, user
     # A key as a user makes one (the last line), for the clients below: they read DETOPS_API_KEY.
     made = shell(user_env, "detops", "keys", "create", "--tenant", "cli-user")
     assert made.returncode == 0, made.stderr[-2000:]
-    os.environ["DETOPS_API_KEY"] = made.stdout.strip().splitlines()[-1]
+    key = made.stdout.strip().splitlines()[-1]
+    os.environ["DETOPS_API_KEY"] = key
     try:
         with bentoml_serve(user_env, "serving.service:Detector", cwd=PROJECT_ROOT, log=workdir / "serve.log") as url:
             ok("simulate", "--url", url, "--n", "110", "--rate", "100")
@@ -187,8 +189,12 @@ def test_build_then_plain_bentoml_serve_and_monitoring_verbs(workdir: Path, user
     refused("purge", "--image", "../etc/passwd", match="not a sha256")
 
     # The bento `detops build` made, served by its tag.
-    with bentoml_serve(user_env, "detops-detector:latest", cwd=workdir, log=workdir / "serve-bento.log"):
-        pass
+    os.environ["DETOPS_API_KEY"] = key
+    try:
+        with bentoml_serve(user_env, "detops-detector:latest", cwd=workdir, log=workdir / "serve-bento.log"):
+            pass
+    finally:
+        os.environ.pop("DETOPS_API_KEY")
 
 
 def batch_verbs(workdir: Path, user_env: dict[str, str], url: str) -> None:
@@ -236,7 +242,8 @@ def bentoml_serve(env: dict[str, str], target: str, *, cwd: Path, log: Path) -> 
     argv = ["bentoml", "serve", target, "--host", HOST, "--port", str(port)]
     with running(argv, url=f"http://{HOST}:{port}", ready_path="/readyz", env=env, cwd=cwd, log=log,
                  timeout_s=180) as server:
-        answer = httpx.post(f"{server.url}/detect", files={"image": ("a.jpg", _jpeg())}, timeout=60)
+        answer = httpx.post(f"{server.url}/detect", files={"image": ("a.jpg", _jpeg())}, timeout=60,
+                            headers=auth_headers())  # DETOPS_API_KEY: authentication is on by default
         assert answer.status_code == 200 and answer.json()["model"]["version"] == "1", answer.text
         yield server.url
 

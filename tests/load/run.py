@@ -142,12 +142,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(cfg: LoadTestConfig) -> int:
-    from tests.serving_process import auth_overrides, detector_service, mint_key, service_env
+    from tests.serving_process import BENCH_OVERRIDES, auth_overrides, detector_service, mint_key, service_env
 
     with tempfile.TemporaryDirectory(prefix="detops-load-") as tmp:
         workdir = Path(tmp)
         # Authentication on, as in production: Locust sends a key of its own tenant.
-        overrides = {**auth_overrides(workdir), **({} if cfg.cache else {"DETOPS_SERVE_CACHE_ENTRIES": "0"})}
+        overrides = {**auth_overrides(workdir), **BENCH_OVERRIDES,
+                     **({} if cfg.cache else {"DETOPS_SERVE_CACHE_ENTRIES": "0"})}
         key = mint_key(service_env(workdir, overrides), tenant="loadtest", scopes="detect")
         try:
             with detector_service(cfg.model_dir, workdir, overrides=overrides) as server:
