@@ -597,8 +597,10 @@ def summary_markdown(cfg: LoopConfig, result: LoopResult, plots: list[tuple[str,
     if before and after:
         lines += [f"Still drifting after the rollout: {', '.join(after.drifted) or 'none'}.",
                   f"Calmed down: {', '.join(f for f in before.drifted if f not in after.drifted) or 'none'}.",
-                  "Image statistics of shifted images drift by nature (the images did not change); the model's "
-                  "prediction summaries are what a better model calms down.", ""]
+                  "Image statistics of shifted images drift by nature (the images did not change), and so do "
+                  "box areas under a `scale` shift; detection counts, confidences and class mix can calm down "
+                  f"only once the model answers shifted images about as well as base ones (prediction share "
+                  f"{_share(before.prediction_drifted_share)} -> {_share(after.prediction_drifted_share)}).", ""]
     lines += [f"![{title}]({file})" for title, file in plots]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {n} | {s:.0f} |" for n, s in result.steps]
     return "\n".join(lines) + "\n"
