@@ -478,8 +478,8 @@ def _retrain(cfg: LoopConfig, base: Base, work: Path, export: Path, name: str, b
                       epochs=cfg.finetune_epochs, lr0=cfg.finetune_lr0, batch=cfg.batch, workers=0,
                       experiment=cfg.experiment, runs=work / "runs", report=work / f"train-{name}",
                       weights=base.model_dir / WEIGHTS_FILE, tags={"detops.feedback_batch": batch_id},
-                      # No warm-up: its high bias learning rate (ultralytics' warmup_bias_lr 0.1) wipes out
-                      # the champion's detection head in the first epoch (measured: mAP 0.34 -> 0.00).
+                      # No warm-up: trained weights need no ramp-up, and ultralytics' warm-up starts the
+                      # biases at warmup_bias_lr (0.1), far above finetune_lr0 (its effect alone not measured).
                       hyp={"warmup_epochs": 0}))
     return work / f"model-{name}", dataset, attempt
 
