@@ -146,6 +146,7 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "n_test_images": len(gts["test"]["images"]),
         "n_val_images": len(gts["val"]["images"]),
         "n_test_detections": len(dt_test),
+        "variant": cfg.variant,  # fp32, or int8 for the quantized copy (evaluation/quantize.py)
     }
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -171,7 +172,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         plot_slices({"model": {k.split("/", 1)[1]: v for k, v in by_slice.items() if k.startswith("map50_95/")}},
                     out / PLOT_FILE, title="COCO mAP@.5:.95: base test split and slices")
     metrics["mlflow_run_id"] = _log_to_mlflow(runtime.card.run_id, metrics, out,
-                                              Path(cfg.model_dir) / CALIBRATOR_FILE, cfg.experiment, by_slice)
+                                              Path(cfg.model_dir) / CALIBRATOR_FILE, cfg.experiment, by_slice,
+                                              cfg.variant)
     return metrics
 
 
@@ -290,9 +292,10 @@ def _flat_numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]
 
 
 def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calibrator_path: Path,
-                   experiment: str, by_slice: dict[str, float] | None = None) -> str:
+                   experiment: str, by_slice: dict[str, float] | None = None, variant: str = "fp32") -> str:
     """Log `test_`-prefixed metrics and the report folder (under `evaluation/`) to the training run;
-    when that run is not in the current store, to a new run of `experiment`, with a warning."""
+    when that run is not in the current store, to a new run of `experiment`, with a warning. Another
+    variant of the same model (int8) logs `test_<variant>_` metrics under `evaluation/<variant>/`."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -316,9 +319,12 @@ def _log_to_mlflow(run_id: str | None, metrics: dict[str, Any], out: Path, calib
     # Class names become parts of metric names: keep to the characters MLflow accepts.
     # Slices are logged once, as `map50_95/<slice>` (by_slice), not flattened with every per-class AP.
     safe = {metric_name(k): v for k, v in _flat_numbers({k: v for k, v in metrics.items() if k != "slices"}).items()}
+    prefix, artifacts = ("test_", EVALUATION_ARTIFACTS) if variant == "fp32" else (
+        f"test_{variant}_", f"{EVALUATION_ARTIFACTS}/{variant}")
+    slice_prefix = "" if variant == "fp32" else f"{variant}/"
     with context as run:
-        mlflow.log_metrics({f"test_{k}": v for k, v in safe.items()})
-        mlflow.log_metrics({metric_name(k): v for k, v in (by_slice or {}).items()})
-        mlflow.log_artifacts(str(out), artifact_path=EVALUATION_ARTIFACTS)
-        mlflow.log_artifact(str(calibrator_path), artifact_path=EVALUATION_ARTIFACTS)
+        mlflow.log_metrics({f"{prefix}{k}": v for k, v in safe.items()})
+        mlflow.log_metrics({metric_name(f"{slice_prefix}{k}"): v for k, v in (by_slice or {}).items()})
+        mlflow.log_artifacts(str(out), artifact_path=artifacts)
+        mlflow.log_artifact(str(calibrator_path), artifact_path=artifacts)
         return run.info.run_id

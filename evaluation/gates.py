@@ -63,6 +63,7 @@ class GateReport:
     champion_after: str | None = None
     comparison: ChampionComparison | None = None
     notes: list[str] = field(default_factory=list)
+    variant: dict[str, Any] | None = None  # which model variant (fp32/int8) and why: evaluation/quantize.py
     slices: dict[str, ChampionComparison] = field(default_factory=dict)  # the same comparison per slice
 
     @property
@@ -80,6 +81,7 @@ class GateReport:
                 "champion_after": self.champion_after,
                 "checks": {c.name: {k: v for k, v in asdict(c).items() if k != "name"} for c in self.checks},
                 "comparison": asdict(self.comparison) if self.comparison else None, "notes": self.notes,
+                "variant": self.variant,
                 "slices": {name: asdict(c) for name, c in self.slices.items()}}
 
     def write(self, path: Path) -> None:

@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.gates import ChampionComparison, GateReport, check_gates, gates_table, load_metrics
+from evaluation.quantize import choose_variant, describe_variant
 from pipelines import registry
-from pipelines.config.model import EvaluateConfig, RegisterConfig
+from pipelines.config.model import EvaluateConfig, QuantizeConfig, RegisterConfig
 from pipelines.errors import DetopsError
 from pipelines.registry import CHALLENGER, CHAMPION
 
@@ -37,14 +38,22 @@ PYFUNC_REQUIREMENTS = ("mlflow", "numpy", "pandas", "pillow", "pydantic", "pyyam
                        "onnxruntime")
 
 
-def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig) -> GateReport:
+def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, quantize_cfg: QuantizeConfig | None = None) -> GateReport:
     """Gate the evaluated model in `cfg.model_dir`, register it as a new version and move the aliases.
 
     `evaluate_cfg` gives the prediction thresholds the champion is re-evaluated with, the same ones
-    the challenger's evaluation used."""
+    the challenger's evaluation used. With `quantize_cfg`, the variant gate (evaluation/quantize.py)
+    first decides whether the fp32 model or its int8 copy is the challenger."""
     from rich.console import Console
 
     from serving.runtime import CARD_FILE, MODEL_FILE, ModelCard
+
+    decision, gates_dir = None, cfg.evaluation  # gates.json stays with the fp32 evaluation (DVC metrics)
+    if quantize_cfg is not None:
+        decision = choose_variant(quantize_cfg, cfg.model_dir, cfg.evaluation, cfg.gates.max_dece_calibrated,
+                                  cfg.gates.bootstrap_samples, cfg.gates.seed)
+        Console().print(f"variant: [bold]{decision.chosen}[/bold] ({decision.reason})")
+        cfg = cfg.model_copy(update={"model_dir": Path(decision.model_dir), "evaluation": Path(decision.evaluation)})
 
     card = ModelCard.load(cfg.model_dir / CARD_FILE)
     if not card.run_id:
@@ -67,19 +76,24 @@ def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig) -> GateReport:
         champion_runtime = _champion_runtime(cfg.model_name, champion)
         comparison = compare_with_champion(cfg, evaluate_cfg, champion, metrics["map50_95"], champion_runtime)
         slices = compare_slices_with_champion(cfg, evaluate_cfg, champion, champion_runtime)
+    if decision is not None:
+        notes.append(f"variant {decision.chosen}: {decision.reason}")
     report = GateReport(name, check_gates(metrics, cfg.gates, comparison, slices), champion_before=champion,
-                        champion_after=champion, comparison=comparison, notes=notes, slices=slices)
+                        champion_after=champion, comparison=comparison, notes=notes, slices=slices,
+                        variant=decision.to_dict() if decision else None)
 
     version = _log_and_register(cfg, card, card.run_id)
     report.version = version
     _describe_version(mlflow_client, name, version, report, run, _read_json(cfg.evaluation / "metrics.json"))
+    if decision is not None:
+        describe_variant(mlflow_client, name, version, decision)
     mlflow_client.set_registered_model_alias(name, CHALLENGER, version)
     if report.passed:
         registry.set_champion(name, version, reason="gates", mlflow_client=mlflow_client)
         report.champion_after = version
-    report.write(cfg.evaluation / GATES_FILE)
+    report.write(gates_dir / GATES_FILE)
     if comparison is not None and slices:
-        _plot_against_champion(report, cfg.evaluation / COMPARISON_PLOT)
+        _plot_against_champion(report, gates_dir / COMPARISON_PLOT)
 
     console = Console()
     console.print(gates_table(report))

@@ -3,6 +3,12 @@
 `PredictionLogger.log` only enqueues and returns: features are computed and written by one background
 thread in small batches. A full queue drops the record (counted), a failing store is logged and
 counted; neither ever raises into the request.
+
+The image features depend on the pixels only, so the logger keeps those of the last images it saw by
+SHA-256: an image sent again (a result-cache hit, which the service answers without decoding) is
+logged with the same features at no cost; its pixels are produced (decoded) on the logger's thread
+only when they were forgotten. Readers of the log (drift, the deployment's shadow check) call
+`flush()` first, or wait for the server's next flush (every `flush_interval_s`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +43,7 @@ LOG_WRITTEN = Counter("detops_prediction_log_written_total", "Prediction records
 @dataclass(frozen=True)
 class _Item:
     ts: datetime
-    image: np.ndarray
+    image: np.ndarray | Callable[[], np.ndarray]  # the pixels, or how to get them (decode) if needed
     sha256: str
     request_id: str
     detections: tuple[Detection, ...]
@@ -52,16 +59,34 @@ def encode_detections(detections: Sequence[Detection]) -> str:
                         d.class_id, round(d.confidence, 4)] for d in detections], separators=(",", ":"))
 
 
-def make_record(image: np.ndarray, *, sha256: str, request_id: str, detections: Sequence[Detection],
+@dataclass(frozen=True)
+class ImageFeatures:
+    """What the log records about the pixels of an image (the same for every request sending it)."""
+
+    width: int
+    height: int
+    statistics: dict[str, float]
+    embedding: np.ndarray
+
+    @classmethod
+    def of(cls, image: np.ndarray) -> ImageFeatures:
+        """Featurize an RGB uint8 image."""
+        h, w = image.shape[:2]
+        return cls(w, h, image_statistics(image), image_embedding(image))
+
+
+def make_record(image: np.ndarray | ImageFeatures, *, sha256: str, request_id: str, detections: Sequence[Detection],
                 class_names: Sequence[str], model_name: str, model_version: str,
                 ts: datetime | None = None, image_path: str | None = None, traffic: str = "live",
                 tenant: str = "-") -> PredictionRecord:
-    """Featurize one prediction into a record (used by the logger and by the reference profile)."""
-    h, w = image.shape[:2]
+    """Featurize one prediction into a record (used by the logger and by the reference profile);
+    `image` is the RGB image or its features, already computed."""
+    features = image if isinstance(image, ImageFeatures) else ImageFeatures.of(image)
+    w, h = features.width, features.height
     return PredictionRecord(
         ts=ts or datetime.now(timezone.utc), request_id=request_id, image_sha256=sha256, width=w, height=h,
-        statistics=image_statistics(image), summary=detection_summary(detections, class_names, (w, h)),
-        embedding=image_embedding(image), model_name=model_name, model_version=model_version,
+        statistics=dict(features.statistics), summary=detection_summary(detections, class_names, (w, h)),
+        embedding=features.embedding.copy(), model_name=model_name, model_version=model_version,
         detections=encode_detections(detections), image_path=image_path, traffic=traffic, tenant=tenant)
 
 
@@ -70,11 +95,12 @@ class PredictionLogger:
 
     `store_location` is a folder (see `open_store`) or a ready `PredictionStore`. The caller must not
     modify an image after passing it to `log` (it is featurized later, on the logger's thread).
+    `remember` is how many images' features are kept by SHA-256 (0: none).
     """
 
     def __init__(self, store_location: str | Path | PredictionStore, *, class_names: Sequence[str],
                  keep_images: bool = False, max_queue: int = 1000, batch_size: int = 32,
-                 flush_interval_s: float = 0.5) -> None:
+                 flush_interval_s: float = 0.5, remember: int = 1024) -> None:
         self.store = store_location if isinstance(store_location, PredictionStore) else open_store(store_location)
         self.class_names = list(class_names)
         self.keep_images = keep_images
@@ -83,14 +109,19 @@ class PredictionLogger:
         self.dropped = 0
         self.failures = 0
         self.written = 0
+        self.remember = remember
+        self._features: OrderedDict[str, ImageFeatures] = OrderedDict()  # only the logger's thread uses it
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=max_queue)
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="detops-prediction-logger", daemon=True)
         self._thread.start()
 
-    def log(self, image_rgb: np.ndarray, *, sha256: str, request_id: str, detections: Sequence[Detection],
-            model_name: str, model_version: str, traffic: str = "live", tenant: str = "-") -> bool:
-        """Enqueue one prediction; returns False (and counts it) when it was dropped. Never raises."""
+    def log(self, image_rgb: np.ndarray | Callable[[], np.ndarray], *, sha256: str, request_id: str,
+            detections: Sequence[Detection], model_name: str, model_version: str, traffic: str = "live",
+            tenant: str = "-") -> bool:
+        """Enqueue one prediction; returns False (and counts it) when it was dropped. Never raises.
+        `image_rgb` may be a function returning the pixels: called on the logger's thread, and only when
+        the features of `sha256` are not remembered (or `keep_images` needs the pixels)."""
         try:
             if self._closed:
                 raise RuntimeError("logger is closed")
@@ -144,8 +175,11 @@ class PredictionLogger:
         records = []
         for item in batch:
             try:
-                path = self.store.save_image(item.sha256, item.image) if self.keep_images else None
-                records.append(make_record(item.image, sha256=item.sha256, request_id=item.request_id,
+                image = item.image
+                if self.keep_images:
+                    image = image if isinstance(image, np.ndarray) else image()
+                path = self.store.save_image(item.sha256, image) if self.keep_images else None
+                records.append(make_record(self._featurize(item.sha256, image), sha256=item.sha256, request_id=item.request_id,
                                            detections=item.detections, class_names=self.class_names,
                                            model_name=item.model_name, model_version=item.model_version,
                                            ts=item.ts, image_path=path, traffic=item.traffic, tenant=item.tenant))
@@ -161,3 +195,16 @@ class PredictionLogger:
             log.exception("prediction log: store failed, %d records lost", len(records))
             self.failures += len(records)
             LOG_FAILURES.inc(len(records))
+
+    def _featurize(self, sha256: str, image: np.ndarray | Callable[[], np.ndarray]) -> ImageFeatures:
+        """The image's features: remembered by SHA-256, else computed (producing the pixels if needed)."""
+        features = self._features.get(sha256)
+        if features is not None:
+            self._features.move_to_end(sha256)
+            return features
+        features = ImageFeatures.of(image if isinstance(image, np.ndarray) else image())
+        if self.remember:
+            self._features[sha256] = features
+            while len(self._features) > self.remember:
+                self._features.popitem(last=False)
+        return features

@@ -499,8 +499,8 @@ def _retrain(cfg: LoopConfig, base: Base, work: Path, export: Path, name: str, b
                       epochs=cfg.finetune_epochs, lr0=cfg.finetune_lr0, batch=cfg.batch, workers=0,
                       experiment=cfg.experiment, runs=work / "runs", report=work / f"train-{name}",
                       weights=base.model_dir / WEIGHTS_FILE, tags={"detops.feedback_batch": batch_id},
-                      # No warm-up: its high bias learning rate (ultralytics' warmup_bias_lr 0.1) wipes out
-                      # the champion's detection head in the first epoch (measured: mAP 0.34 -> 0.00).
+                      # No warm-up: trained weights need no ramp-up, and ultralytics' warm-up starts the
+                      # biases at warmup_bias_lr (0.1), far above finetune_lr0 (its effect alone not measured).
                       hyp={"warmup_epochs": 0}))
     return work / f"model-{name}", dataset, attempt
 
@@ -618,8 +618,10 @@ def summary_markdown(cfg: LoopConfig, result: LoopResult, plots: list[tuple[str,
     if before and after:
         lines += [f"Still drifting after the rollout: {', '.join(after.drifted) or 'none'}.",
                   f"Calmed down: {', '.join(f for f in before.drifted if f not in after.drifted) or 'none'}.",
-                  "Image statistics of shifted images drift by nature (the images did not change); the model's "
-                  "prediction summaries are what a better model calms down.", ""]
+                  "Image statistics of shifted images drift by nature (the images did not change), and so do "
+                  "box areas under a `scale` shift; detection counts, confidences and class mix can calm down "
+                  f"only once the model answers shifted images about as well as base ones (prediction share "
+                  f"{_share(before.prediction_drifted_share)} -> {_share(after.prediction_drifted_share)}).", ""]
     lines += [f"![{title}]({file})" for title, file in plots]
     lines += ["", "| step | seconds |", "|---|---|"] + [f"| {n} | {s:.0f} |" for n, s in result.steps]
     return "\n".join(lines) + "\n"

@@ -47,9 +47,17 @@ _OFFLINE_SWITCHES = {
 }
 
 
+# OpenMP threads that sleep instead of spinning while they wait (read once, when torch loads its OpenMP
+# runtime: set before torch is imported). Measured on a busy 2-core machine (docs/performance.md): a
+# training step on 2 threads took 8-11 s with the default spinning vs 0.4-0.7 s passive (1 thread:
+# 0.3-1.0 s); spinning threads burn the core the other thread waits for.
+_THREADING = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
 def configure() -> None:
-    """Set the offline switches and the project-local tool folders (idempotent, cheap)."""
-    for key, value in _OFFLINE_SWITCHES.items():
+    """Set the offline switches, the OpenMP wait policy and the project-local tool folders
+    (idempotent, cheap)."""
+    for key, value in {**_OFFLINE_SWITCHES, **_THREADING}.items():
         os.environ.setdefault(key, value)
     root = cache_dir()
     os.environ.setdefault("YOLO_CONFIG_DIR", str(root / "ultralytics"))

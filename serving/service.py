@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import json
 import logging
 import os
 import uuid
@@ -38,7 +40,7 @@ from serving.gateway import build_state, context, logs  # noqa: E402
 from serving.gateway import docs as api_docs  # noqa: E402
 from serving.gateway.middleware import Gateway  # noqa: E402
 from serving.guard import REQUEST_TRAFFIC, RequestGuard  # noqa: E402
-from serving.imaging import DecodedImage, RequestRejected, check_size, decode_image  # noqa: E402
+from serving.imaging import RequestRejected, check_size, decode_image  # noqa: E402
 from serving.jobs import api as jobs_api  # noqa: E402
 from serving.render import draw_detections, encode_jpeg  # noqa: E402
 from serving.runtime import InvalidParams, LetterboxMeta, ModelRuntime, PredictParams  # noqa: E402
@@ -56,15 +58,29 @@ log = logging.getLogger(__name__)
 FAULT_FILE = os.environ.get("DETOPS_FAULT_INFERENCE_FILE", "")
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """One image's answer, as cached: its size, detections and the JSON body of /detect (a cache hit
+    is answered with these bytes, without decoding the image)."""
+
+    width: int
+    height: int
+    sha256: str
+    detections: tuple[Detection, ...]
+    body: bytes
+
+
 @dataclass
 class _Prepared:
-    """A request's images after decoding: cache keys and hits (None: a miss), and the misses
-    letterboxed into one uint8 (n, S, S, 3) stack with where each image sits in it."""
+    """A request's images: their bytes and SHA-256, the cached answers (None: a miss), and the misses
+    decoded and letterboxed into one uint8 (n, S, S, 3) stack with where each image sits in it."""
 
-    decoded: list[DecodedImage]
-    found: list[tuple[Detection, ...] | None]
+    data: list[bytes]
+    sha256: list[str]
+    found: list[_Answer | None]
     keys: list[tuple] = field(default_factory=list)  # empty when the cache is off
     hits: list[bool] = field(default_factory=list)
+    pixels: dict[int, np.ndarray] = field(default_factory=dict)  # decoded misses, by index
     batch: np.ndarray | None = None  # None when every image was a cache hit
     metas: list[LetterboxMeta] = field(default_factory=list)
 
@@ -85,9 +101,10 @@ class Detector:
         self.model_info = served_model()
         metrics.MODEL_INFO.labels(self.model_info.name, self.model_info.version, str(self.model_info.alias),
                                   str(self.model.tag)).set(1)
-        self.cache: ResultCache[tuple[Detection, ...]] = ResultCache(CFG.cache_entries)
+        self.cache: ResultCache[_Answer] = ResultCache(CFG.cache_entries)
+        # It remembers the features of as many images as the cache holds answers: a hit is logged free.
         self.pred_log = PredictionLogger(CFG.prediction_log, class_names=self.runtime.class_names,
-                                         keep_images=CFG.keep_images)
+                                         keep_images=CFG.keep_images, remember=CFG.cache_entries)
         # One adaptive batcher per worker; its dispatcher starts inside the event loop on first use.
         self.batcher = InferenceBatcher(self._infer_letterboxed, max_batch_size=CFG.max_batch_size,
                                         max_latency_ms=CFG.max_latency_ms,
@@ -112,7 +129,9 @@ class Detector:
     @bentoml.api(route="/detect", input_spec=DetectInput)
     async def detect(self, image: Path, conf: float | None = None, iou: float | None = None,
                      max_det: int | None = None, classes: list[int] | None = None) -> DetectResponse:
-        """Detect objects in one image. Response headers `X-Cache: hit|miss`, `X-Model-Version`."""
+        """Detect objects in one image, sent as the multipart field `image` or as the raw request body
+        (`Content-Type: image/jpeg`, `image/png`, ...; options as query parameters).
+        Response headers `X-Cache: hit|miss`, `X-Model-Version`."""
         return await self._detect_response([image], conf, iou, max_det, classes, single=True)
 
     @bentoml.api(route="/detect_batch", input_spec=DetectBatchInput)
@@ -130,10 +149,11 @@ class Detector:
     async def render(self, image: Path, conf: float | None = None, iou: float | None = None,
                      max_det: int | None = None, classes: list[int] | None = None
                      ) -> Annotated[Path, ContentType("image/jpeg")]:
-        """The image as JPEG with its boxes, class names and confidences drawn."""
+        """The image as JPEG with its boxes, class names and confidences drawn (multipart or raw body)."""
         try:
-            (decoded, dets, _), = await self._predict([image], conf, iou, max_det, classes)
-            jpeg = await asyncio.to_thread(self._render, decoded.rgb, dets)
+            (answer, _), = await self._predict([image], conf, iou, max_det, classes)
+            rgb = await asyncio.to_thread(self._decode, image, "image")
+            jpeg = await asyncio.to_thread(self._render, rgb, list(answer.detections))
         except RequestRejected as exc:
             return self._rejected(exc)
         except Exception:
@@ -145,22 +165,22 @@ class Detector:
                                max_det: int | None, classes: list[int] | None, *, single: bool) -> Response:
         try:
             results = await self._predict(files, conf, iou, max_det, classes)
-            bodies = [detect_response(d.width, d.height, d.sha256, dets, self.runtime.class_names,
-                                      self.model_info).model_dump() for d, dets, _ in results]
         except RequestRejected as exc:
             return self._rejected(exc)
         except Exception:
             return self._unexpected("detection")
-        headers = {"X-Cache": ",".join("hit" if hit else "miss" for *_, hit in results)}
-        return JSONResponse(bodies[0] if single else bodies, headers=headers)
+        headers = {"X-Cache": ",".join("hit" if hit else "miss" for _, hit in results)}
+        # The cached JSON bodies as they are: a cache hit costs a hash and a lookup.
+        body = results[0][0].body if single else b"[" + b",".join(a.body for a, _ in results) + b"]"
+        return Response(body, media_type="application/json", headers=headers)
 
-    async def _predict(self, files: list[Path], conf: float | None, iou: float | None, max_det: int | None,
-                       classes: list[int] | None) -> list[tuple[DecodedImage, list[Detection], bool]]:
-        """Decode every file (all must be valid), answer from the cache where possible and run the
-        rest through the runtime's steps, batching `infer` across requests; log each prediction with
-        the request's traffic (live, or the shadow/canary traffic of a rollout's verification).
-        Raises RequestRejected for bad input (4xx), the key's limits and the tenant's quota (429), overload
-        and an open circuit (503) and any failure of the inference (500)."""
+    async def _predict(self, files: list[Path | bytes], conf: float | None, iou: float | None, max_det: int | None,
+                       classes: list[int] | None) -> list[tuple[_Answer, bool]]:
+        """Hash every upload and answer from the cache where possible; decode the rest (all must be
+        valid) and run them through the runtime's steps, batching `infer` across requests; log each
+        prediction with the request's traffic (live, or the shadow/canary traffic of a rollout's
+        verification) and tenant. Raises RequestRejected for bad input (4xx), the key's limits and the
+        tenant's quota (429), overload and an open circuit (503) and any failure of the inference (500)."""
         tenant = context.current_tenant()
         GATEWAY.limits.images_now(context.KEY_ID.get(), tenant, len(files))
         GATEWAY.limits.images_today(tenant, len(files))
@@ -188,36 +208,45 @@ class Detector:
                 raise RequestRejected("inference_failed", f"the model could not process this request "
                                       f"({type(exc).__name__}: {exc}); see the server log", 500) from None
             GATEWAY.breaker.succeeded()
-            misses = [i for i, dets in enumerate(job.found) if dets is None]
-            for i, dets in zip(misses, fresh):
-                job.found[i] = tuple(dets)
+            for i, dets in zip(sorted(job.pixels), fresh):
+                height, width = job.pixels[i].shape[:2]
+                body = json.dumps(detect_response(width, height, job.sha256[i], dets, self.runtime.class_names,
+                                                  self.model_info).model_dump(), separators=(",", ":")).encode()
+                job.found[i] = _Answer(width, height, job.sha256[i], tuple(dets), body)
                 if job.keys:
                     self.cache.put(job.keys[i], job.found[i])
         if self.cache.max_entries:
             for hit in job.hits:
                 metrics.CACHE.labels(result="hit" if hit else "miss").inc()
         results = []
-        for d, dets, hit in zip(job.decoded, job.found, job.hits):
-            metrics.observe_detections(dets)
-            self.pred_log.log(d.rgb, sha256=d.sha256, request_id=uuid.uuid4().hex, detections=dets,
-                              model_name=self.model_info.name, model_version=self.model_info.version,
-                              traffic=REQUEST_TRAFFIC.get(), tenant=tenant)
-            results.append((d, list(dets), hit))
+        for i, (answer, hit) in enumerate(zip(job.found, job.hits)):
+            metrics.observe_detections(answer.detections)
+            # A hit's pixels are not decoded: the logger reuses the features it remembers for this
+            # SHA-256, and decodes (on its own thread) only an image it forgot.
+            pixels = job.pixels.get(i)
+            if pixels is None:
+                pixels = functools.partial(self._decode, job.data[i], "image")
+            self.pred_log.log(pixels, sha256=answer.sha256, request_id=uuid.uuid4().hex,
+                              detections=answer.detections, model_name=self.model_info.name,
+                              model_version=self.model_info.version, traffic=REQUEST_TRAFFIC.get(),
+                              tenant=tenant)
+            results.append((answer, hit))
         return results
 
-    def _prepare(self, files: list[Path], params: PredictParams, tenant: str) -> _Prepared:
-        """In a worker thread: decode and validate every file, look each up in the cache, letterbox
-        the misses into one uint8 (n, S, S, 3) stack."""
+    def _prepare(self, files: list[Path | bytes], params: PredictParams, tenant: str) -> _Prepared:
+        """In a worker thread: read and hash every upload, look each up in the tenant's cache, decode
+        and validate the misses (all of them, before any inference) and letterbox them into one uint8
+        (n, S, S, 3) stack."""
         names = [f"images[{i}]" for i in range(len(files))] if len(files) > 1 else ["image"]
-        decoded = [self._decode(f, name) for f, name in zip(files, names)]
-        job = _Prepared(decoded, found=[None] * len(decoded))
+        data = [self._read(f, name) for f, name in zip(files, names)]
+        job = _Prepared(data, [hashlib.sha256(d).hexdigest() for d in data], found=[None] * len(data))
         if self.cache.max_entries:
-            job.keys = [cache_key(d.sha256, self.model_info.version, params, tenant) for d in decoded]
+            job.keys = [cache_key(sha, self.model_info.version, params, tenant) for sha in job.sha256]
             job.found = [self.cache.get(k) for k in job.keys]
-        job.hits = [dets is not None for dets in job.found]
-        misses = [d.rgb for d, hit in zip(decoded, job.hits) if not hit]
-        if misses:
-            job.batch, job.metas = self.runtime.letterbox(misses)
+        job.hits = [answer is not None for answer in job.found]
+        job.pixels = {i: self._decode(data[i], names[i]) for i, hit in enumerate(job.hits) if not hit}
+        if job.pixels:
+            job.batch, job.metas = self.runtime.letterbox([job.pixels[i] for i in sorted(job.pixels)])
         return job
 
     def _infer_letterboxed(self, batch: np.ndarray) -> np.ndarray:
@@ -227,9 +256,19 @@ class Detector:
         return self.runtime.infer(self.runtime.to_input(batch))
 
     @staticmethod
-    def _decode(file: Path, name: str) -> DecodedImage:
+    def _read(file: Path | bytes, name: str) -> bytes:
+        """The upload's bytes: a raw request body as it came, a multipart file read from its spool."""
+        if isinstance(file, bytes):
+            check_size(len(file), CFG.max_upload_bytes, name)
+            return file
         check_size(file.stat().st_size, CFG.max_upload_bytes, name)  # before reading it into memory
-        return decode_image(file.read_bytes(), max_bytes=CFG.max_upload_bytes, max_pixels=CFG.max_pixels, name=name)
+        return file.read_bytes()
+
+    @classmethod
+    def _decode(cls, file: Path | bytes, name: str) -> np.ndarray:
+        """The upload's RGB pixels (validated: format, size, pixel count; RequestRejected otherwise)."""
+        data = cls._read(file, name)
+        return decode_image(data, max_bytes=CFG.max_upload_bytes, max_pixels=CFG.max_pixels, name=name).rgb
 
     def _render(self, rgb: np.ndarray, dets: list[Detection]) -> bytes:
         return encode_jpeg(draw_detections(rgb, dets, self.runtime.class_names))

@@ -1,4 +1,4 @@
-"""Model verbs: train, tune, evaluate."""
+"""Model verbs: train, tune, evaluate, quantize."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from pipelines.cli.common import app, user_errors
 from pipelines.config.base import load_section
-from pipelines.config.model import EvaluateConfig, TrainConfig, TuneConfig
+from pipelines.config.model import EvaluateConfig, QuantizeConfig, TrainConfig, TuneConfig
 from pipelines.errors import DetopsError
 
 
@@ -65,15 +65,33 @@ def evaluate(
     model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="model folder (model.onnx, model_card.json)")] = None,
     dataset: Annotated[Optional[Path], typer.Option(help="YOLO dataset folder (val and test splits)")] = None,
     out: Annotated[Optional[Path], typer.Option(help="report folder")] = None,
+    variant: Annotated[Optional[str], typer.Option(help="fp32, or int8 for the quantized copy (`detops quantize`)")] = None,
 ) -> None:
     """COCO mAP, D-ECE and latency of the ONNX model on test; fit its calibrator on val."""
     from rich.console import Console
 
     from evaluation.evaluate import evaluate as run
 
-    cfg = load_section(EvaluateConfig, model_dir=model_dir, dataset=dataset, out=out)
+    cfg = load_section(EvaluateConfig, model_dir=model_dir, dataset=dataset, out=out, variant=variant)
     m = run(cfg)
     Console().print(f"[green]evaluated[/green] {m['n_test_images']} test images: mAP50-95 {m['map50_95']:.3f}, "
                     f"mAP50 {m['map50']:.3f}, D-ECE {m['dece']:.3f} -> {m['dece_calibrated']:.3f} "
                     f"({m['calibration']['method']}), latency {m['latency_ms_batch1']:.1f} ms; "
                     f"report {cfg.out / 'metrics.json'}")
+
+
+@app.command(rich_help_panel="Model")
+@user_errors
+def quantize(
+    model_dir: Annotated[Optional[Path], typer.Option("--model-dir", help="fp32 model folder (model.onnx, model_card.json)")] = None,
+    dataset: Annotated[Optional[Path], typer.Option(help="YOLO dataset folder (calibration images: quantize.calibration_splits)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="int8 model folder")] = None,
+) -> None:
+    """Static int8 (QDQ) copy of the ONNX model, calibrated on train images; evaluate it with
+    `detops evaluate --model-dir OUT --out quantize.evaluation`."""
+    from evaluation.quantize import quantize as run
+
+    cfg = load_section(QuantizeConfig, model_dir=model_dir, dataset=dataset, out=out)
+    folder = run(cfg)
+    typer.echo(f"int8 model: {folder / 'model.onnx'} (calibrated on {cfg.calibration_images} images of "
+               f"{', '.join(cfg.calibration_splits)})")

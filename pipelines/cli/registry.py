@@ -9,7 +9,7 @@ import typer
 
 from pipelines.cli.common import app, user_errors
 from pipelines.config.base import load_section
-from pipelines.config.model import EvaluateConfig, RegisterConfig
+from pipelines.config.model import EvaluateConfig, QuantizeConfig, RegisterConfig
 
 
 @app.command(rich_help_panel="Registry")
@@ -24,7 +24,7 @@ def register(
     from evaluation.register import register as run
 
     cfg = load_section(RegisterConfig, model_dir=model_dir, evaluation=evaluation, model_name=model_name)
-    run(cfg, load_section(EvaluateConfig))
+    run(cfg, load_section(EvaluateConfig), load_section(QuantizeConfig))
 
 
 @app.command(rich_help_panel="Registry")

@@ -112,6 +112,7 @@ class EvaluateConfig(Section):
     latency_repeats: int = Field(20, ge=1)
     smoke_images: int = Field(8, ge=1)  # test images whose served predictions a deployment checks
     experiment: str = "detops"  # used only when the model card's training run is not in the store
+    variant: Literal["fp32", "int8"] = "fp32"  # int8: the quantized copy (MLflow metrics test_int8_*)
     # Named extra test sets evaluated like the base test split (same COCO metrics, `map50_95/<name>`).
     slices: dict[Annotated[str, Field(pattern=SLICE_NAME)], EvalSlice] = {}
 
@@ -143,3 +144,21 @@ class RegisterConfig(Section):
     evaluation: Path = Path("reports/evaluate")
     dataset: Path = Path("data/dataset")
     gates: Gates = Gates()
+
+
+class QuantizeConfig(Section):
+    """`detops quantize` (a static int8 QDQ copy of the ONNX model) and the gate that picks the variant
+    `detops register` registers (evaluation/quantize.py)."""
+
+    section: ClassVar[str] = "quantize"
+
+    enabled: bool = True  # false: fp32 is registered whatever an int8 evaluation says
+    model_dir: Path = Path("models")
+    dataset: Path = Path("data/dataset")
+    out: Path = Path("models/int8")
+    evaluation: Path = Path("reports/evaluate/int8")  # where `detops evaluate` wrote the int8 figures
+    calibration_splits: list[Literal["train", "val"]] = Field(["train"], min_length=1)
+    calibration_images: int = Field(64, ge=1)
+    per_channel: bool = True
+    float_tail: bool = True  # the head's box decoding stays in float (8-bit coordinates lose pixels)
+    max_map_drop: float = Field(0.01, ge=0)  # int8 only if the CI lower bound of its mAP delta is above -this

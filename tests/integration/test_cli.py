@@ -90,6 +90,16 @@ def test_model_verbs(workdir: Path) -> None:
     assert 0 <= json.loads((workdir / "reports" / "evaluate" / "metrics.json").read_text())["map50_95"] <= 1
     refused("evaluate", "--model-dir", "nowhere", match="nowhere")
 
+    ok("quantize")  # the int8 copy, then its evaluation as dvc.yaml's evaluate_int8 runs it
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(workdir / "models" / "int8" / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    ok("evaluate", "--model-dir", "models/int8", "--out", "reports/evaluate/int8", "--variant", "int8")
+    assert json.loads((workdir / "reports" / "evaluate" / "int8" / "metrics.json").read_text())["variant"] == "int8"
+    refused("quantize", "--model-dir", "nowhere", match="nowhere")
+    refused("evaluate", "--variant", "int4", match="evaluate.variant")
+
     ok("tune", "--n-trials", "1", "--epochs", "1")
     assert (workdir / "reports" / "tune" / "best_params.yaml").is_file()
     refused("tune", "--n-trials", "0", match="tune.n_trials")
@@ -98,6 +108,13 @@ def test_model_verbs(workdir: Path) -> None:
 def test_registry_verbs(workdir: Path) -> None:
     first = ok("register")  # params.yaml's gates are for the default model: a one-epoch model fails them
     assert "not promoted" in first.output
+    # The variant gate decided between fp32 and its int8 copy; the version says which and why.
+    variant = json.loads((workdir / "reports" / "evaluate" / "gates.json").read_text())["variant"]
+    assert variant["chosen"] in ("fp32", "int8") and variant["reason"] and variant["fp32"] and variant["int8"]
+    from pipelines import registry
+
+    tags = registry.client().get_model_version("detops-detector", "1").tags
+    assert tags["detops.precision"] == variant["chosen"] and tags["detops.precision_reason"] == variant["reason"]
     ok("promote", "1")
     second = ok("register")
     assert "v2" in second.output and "not promoted" in second.output

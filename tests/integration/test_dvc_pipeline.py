@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 CODE = ("labeling", "training", "evaluation", "serving", "monitoring", "pipelines")
 
 
-STAGES = ("synthesize", "ingest", "validate", "augment", "train", "evaluate", "register")
+STAGES = ("synthesize", "ingest", "validate", "augment", "train", "quantize", "evaluate", "evaluate_int8", "register")
 
 
 def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -46,6 +46,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     params["train"].update(imgsz=64, epochs=1, batch=8, workers=0)
     params["evaluate"].update(latency_batch_sizes=[1, 2], latency_repeats=2)
     params["register"]["gates"]["bootstrap_samples"] = 50
+    params["quantize"]["calibration_images"] = 8
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     assert _dvc(["init", "-q"], root).returncode == 0
@@ -70,6 +71,8 @@ def test_pipeline_runs_then_stays_up_to_date(repo_copy: Path) -> None:
     assert 0 <= metrics["map50_95"] <= 1
     gates = json.loads((repo_copy / "reports" / "evaluate" / "gates.json").read_text())
     assert gates["version"] == "1" and gates["passed"] is False  # one epoch at imgsz 64 cannot pass
+    # The variant gate compared the fp32 model with its int8 copy, both evaluated.
+    assert gates["variant"]["chosen"] in ("fp32", "int8") and gates["variant"]["int8"]["map50_95"] is not None
     lock = yaml.safe_load((repo_copy / "dvc.lock").read_text())
     assert set(lock["stages"]) == set(STAGES)
 

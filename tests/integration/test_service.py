@@ -98,6 +98,69 @@ def test_detect_contract_and_cache(server: dict) -> None:
     assert all(d["class_id"] == 0 for d in limited.json()["detections"])
 
 
+def test_raw_body_is_answered_like_multipart(server: dict) -> None:
+    # The image as the request body (no multipart, no temp file), options in the query string.
+    data = images.png(140, 90, seed=91)
+    multipart = post(server, "/detect", {"image": ("x.png", data)}, {"conf": "0.001", "max_det": "7"})
+    raw = httpx.post(server["url"] + "/detect", content=data, params={"conf": "0.001", "max_det": "7"},
+                     headers={"Content-Type": "image/png"}, timeout=60)
+    assert multipart.status_code == raw.status_code == 200, raw.text
+    assert raw.json() == multipart.json() and raw.headers["x-cache"] == "hit"  # same bytes, same key
+    other = images.jpeg(120, 100, seed=92)
+    fresh = httpx.post(server["url"] + "/detect", content=other, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert fresh.status_code == 200 and fresh.headers["x-cache"] == "miss"
+    check_detect_body(fresh.json(), 120, 100, server["classes"])
+    rendered = httpx.post(server["url"] + "/render", content=other, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert rendered.status_code == 200 and rendered.content[:2] == b"\xff\xd8"
+
+
+@pytest.mark.parametrize("case", ["not_an_image", "empty", "unknown_param", "bad_param", "too_large", "batch"])
+def test_raw_body_bad_input_is_a_json_4xx(server: dict, case: str) -> None:
+    url, body, params, status = server["url"] + "/detect", images.jpeg(40, 40, seed=93), {}, 422
+    if case == "not_an_image":
+        body, status = b"certainly not a JPEG", 415
+    elif case == "empty":
+        body, status = b"", 400
+    elif case == "unknown_param":
+        params, status = {"confidence": "0.5"}, 400
+    elif case == "bad_param":
+        params, status = {"conf": "2"}, 400
+    elif case == "too_large":
+        body, status = b"\xff" * (MAX_UPLOAD + 1), 413
+    else:  # several images need multipart
+        url, status = server["url"] + "/detect_batch", 400
+    resp = httpx.post(url, content=body, params=params, headers={"Content-Type": "image/jpeg"}, timeout=60)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["error"] and resp.json()["detail"]
+    assert httpx.get(server["url"] + "/readyz", timeout=30).status_code == 200
+
+
+def test_a_cache_hit_is_logged_with_the_features_of_its_image(server: dict) -> None:
+    # A hit is answered without decoding; its log record still carries the image's own features.
+    from monitoring.logger import make_record
+    from monitoring.store import open_store
+    from pipelines.images import read_rgb
+
+    data = images.jpeg(130, 70, seed=94)
+    answers = [httpx.post(server["url"] + "/detect", content=data, headers={"Content-Type": "image/jpeg"},
+                          timeout=60) for _ in range(3)]
+    assert [a.headers["x-cache"] for a in answers] == ["miss", "hit", "hit"]
+    sha = answers[0].json()["image"]["sha256"]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        frame = open_store(server["log_dir"]).read(traffic=None)
+        rows = frame[frame["image_sha256"] == sha]
+        if len(rows) == 3:
+            break
+        time.sleep(0.5)
+    assert len(rows) == 3
+    expected = make_record(read_rgb(data), sha256=sha, request_id="x", detections=[], class_names=server["classes"],
+                           model_name="m", model_version="v")
+    for _, row in rows.iterrows():
+        assert {k: row[k] for k in expected.statistics} == expected.statistics
+        assert [row[f"emb_{i}"] for i in range(len(expected.embedding))] == expected.embedding.tolist()
+
+
 def test_detect_over_http_is_exactly_what_the_runtime_predicts(server: dict) -> None:
     """What is evaluated is what is served, at the last step: the bytes of /detect's JSON against
     `ModelRuntime.predict` (which evaluate, the registry's pyfunc and monitoring run) on the same
@@ -213,7 +276,8 @@ def test_bad_parameters_are_named(server: dict) -> None:
     assert resp.status_code == 422 and resp.json()["error"] == "unknown_class" and "99" in resp.json()["detail"]
     resp = post(server, "/detect", {"image": (None, "http://127.0.0.1:1/x.jpg")})  # never fetched
     assert resp.status_code == 400 and "image: expected an uploaded file" in resp.json()["detail"]
-    resp = httpx.post(server["url"] + "/detect", content=b"raw bytes", headers={"content-type": "image/jpeg"})
+    # A raw body is accepted as an image (Content-Type image/...) only; anything else must be multipart.
+    resp = httpx.post(server["url"] + "/detect", content=b"raw bytes", headers={"content-type": "text/plain"})
     assert resp.status_code == 400 and "multipart/form-data" in resp.json()["detail"]
     assert httpx.post(server["url"] + "/internal/infer", json={"batch": [[0]]}).status_code == 404  # no tensor route
 

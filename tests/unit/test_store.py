@@ -193,3 +193,33 @@ def test_logger_drops_when_queue_full(tmp_path: Path) -> None:
     logger.close()
     assert results.count(False) == logger.dropped >= 6
     assert logger.written == results.count(True)
+
+
+def test_logger_reuses_features_of_a_known_image_and_decodes_lazily(tmp_path: Path) -> None:
+    # A cache hit is logged without pixels: the features are those the first request of the same
+    # image produced (identical values), and the decode function runs only for a forgotten image.
+    logger = PredictionLogger(tmp_path, class_names=CLASSES, remember=1)
+    img, sha = _image(0)
+    other, other_sha = _image(1)
+    calls = []
+
+    def decode(pixels: np.ndarray = img) -> np.ndarray:
+        calls.append(1)
+        return pixels
+
+    logger.log(img, sha256=sha, request_id="first", detections=_dets(), model_name="m", model_version="1")
+    logger.log(decode, sha256=sha, request_id="hit", detections=_dets(), model_name="m", model_version="1")
+    logger.flush()
+    assert calls == []
+    logger.log(other, sha256=other_sha, request_id="other", detections=[], model_name="m", model_version="1")
+    logger.log(decode, sha256=sha, request_id="forgotten", detections=[], model_name="m", model_version="1")
+    logger.close()
+    assert calls == [1]
+    df = open_store(tmp_path).read().set_index("request_id")
+    direct = make_record(img, sha256=sha, request_id="x", detections=_dets(), class_names=CLASSES,
+                         model_name="m", model_version="1")
+    for request in ("first", "hit", "forgotten"):
+        row = df.loc[request]
+        assert {k: row[k] for k in direct.statistics} == direct.statistics
+        embedding = [row[f"emb_{i}"] for i in range(len(direct.embedding))]
+        assert np.array_equal(np.asarray(embedding, dtype=np.float32), direct.embedding)
