@@ -23,6 +23,7 @@ import multiprocessing
 import multiprocessing.queues
 import os
 import queue
+import signal
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -283,13 +284,19 @@ def _featurizer_main(items, counters, store: PredictionStore, class_names: list[
             os.nice(niceness)
         except OSError:  # not allowed here: run at the worker's priority rather than not at all
             log.warning("prediction log: cannot lower the featurizer's priority")
+    # Ctrl-C reaches the whole process group: the worker's close() stops this process once it has
+    # written what is queued; an interrupt here would lose it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     featurizer = _Featurizer(store, counters, class_names, keep_images, remember)
+    parent = multiprocessing.parent_process()
     stop = False
     while not stop:
+        # A worker killed outright (SIGKILL, OOM) never sends None: do not outlive it as an orphan.
+        stop = parent is not None and not parent.is_alive()
         batch: list[_Item] = []
         taken = 0
         deadline = time.monotonic() + flush_interval_s
-        while len(batch) < batch_size:
+        while len(batch) < batch_size and not stop:
             try:
                 raw = items.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:

@@ -269,3 +269,26 @@ def test_logger_counts_an_item_it_cannot_send(tmp_path: Path) -> None:
     logger.flush()
     logger.close()
     assert logger.failures == 1 and logger.written == 1
+
+
+def test_the_featurizer_exits_when_its_worker_is_killed(tmp_path: Path) -> None:
+    # A serving worker killed outright (SIGKILL, OOM killer) cannot close its logger: the featurizer
+    # must notice and exit rather than stay behind as an orphan.
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = (f"import os, signal, sys\nfrom monitoring.logger import PredictionLogger\n"
+              f"logger = PredictionLogger({str(tmp_path)!r}, class_names=['a'])\n"
+              f"print(logger._process.pid, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert worker.returncode == -9, worker.stderr
+    featurizer = int(worker.stdout.split()[0])
+    try:
+        psutil.Process(featurizer).wait(timeout=60)  # it checks every flush interval (0.5 s)
+    except psutil.NoSuchProcess:
+        pass
+    assert not psutil.pid_exists(featurizer) or psutil.Process(featurizer).status() == psutil.STATUS_ZOMBIE
