@@ -108,7 +108,7 @@ def profile(model_dir: Path, mode: str, seconds: float, connections: int, images
                            check=True, capture_output=True, timeout=seconds + 60)
             cpu_after = process_cpu(descendants(server.pid))
             wrk_out, _ = wrk.communicate(timeout=seconds + 60)
-            workers = len(descendants(server.pid))
+            workers = sum("worker.service" in cmd for cmd, _ in cpu_after.values())
     samples: Counter[str] = Counter()
     featurizer: Counter[str] = Counter()  # the prediction log's featurizer processes (children of the workers)
     for line in raw.read_text().splitlines():

@@ -194,7 +194,7 @@ def test_logger_drops_when_queue_full(tmp_path: Path) -> None:
                for i in range(10)]
     (tmp_path / "open").touch()
     logger.close()
-    # At most the queue (2), the featurizer's batch (1) and the queue's feeder thread's item get in.
+    # At most the queue (2) and the featurizer's batch (1, stalled in append) get in, give or take timing.
     assert results.count(False) == logger.dropped >= 6
     assert logger.written == results.count(True)
 
