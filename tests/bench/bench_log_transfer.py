@@ -99,7 +99,8 @@ def measure(kind: str, jpegs: list[bytes]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the three ways, print one JSON line each."""
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.bench_log_transfer", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.bench.bench_log_transfer",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--side", type=int, default=640)
     args = parser.parse_args(argv)
