@@ -116,6 +116,15 @@ class SQLiteStore:
         except (OSError, sqlite3.Error) as exc:
             raise DetopsError(f"prediction store {self.root}: cannot open ({exc})") from None
 
+    def __getstate__(self) -> dict:
+        # Picklable (the prediction log's featurizer process gets its store so): the per-thread
+        # connections stay behind, the other process opens its own.
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
     def _connect(self) -> sqlite3.Connection:
         # One connection per thread (sqlite3 connections must not be shared across threads); the busy
         # timeout lets writers from other processes take turns instead of failing on a locked file.

@@ -103,6 +103,13 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "i
     return DecodedImage(rgb=rgb, sha256=hashlib.sha256(data).hexdigest(), format=image.format)
 
 
+def decode_rgb(data: bytes, *, max_bytes: int, max_pixels: int, name: str = "image") -> np.ndarray:
+    """`decode_image(...).rgb`, a module-level function so that `functools.partial(decode_rgb, data, ...)`
+    pickles: the prediction log's featurizer process decodes a cache hit's image with it, only when it
+    forgot that image's features."""
+    return decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels, name=name).rgb
+
+
 def _oriented(image: Image.Image, name: str) -> Image.Image:
     """Apply the EXIF orientation so boxes refer to the image as people see it. A broken EXIF block
     is not worth refusing the pixels for: the image is then used as stored."""

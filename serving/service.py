@@ -40,7 +40,7 @@ from serving.gateway import build_state, context, logs  # noqa: E402
 from serving.gateway import docs as api_docs  # noqa: E402
 from serving.gateway.middleware import Gateway  # noqa: E402
 from serving.guard import REQUEST_TRAFFIC, RequestGuard  # noqa: E402
-from serving.imaging import RequestRejected, check_size, decode_image  # noqa: E402
+from serving.imaging import RequestRejected, check_size, decode_image, decode_rgb  # noqa: E402
 from serving.jobs import api as jobs_api  # noqa: E402
 from serving.render import draw_detections, encode_jpeg  # noqa: E402
 from serving.runtime import InvalidParams, LetterboxMeta, ModelRuntime, PredictParams  # noqa: E402
@@ -221,11 +221,12 @@ class Detector:
         results = []
         for i, (answer, hit) in enumerate(zip(job.found, job.hits)):
             metrics.observe_detections(answer.detections)
-            # A hit's pixels are not decoded: the logger reuses the features it remembers for this
-            # SHA-256, and decodes (on its own thread) only an image it forgot.
+            # A hit's pixels are not decoded: the logger's featurizer process reuses the features it
+            # remembers for this SHA-256, and decodes (there, at low priority) only an image it forgot.
             pixels = job.pixels.get(i)
             if pixels is None:
-                pixels = functools.partial(self._decode, job.data[i], "image")
+                pixels = functools.partial(decode_rgb, job.data[i], max_bytes=CFG.max_upload_bytes,
+                                           max_pixels=CFG.max_pixels)
             self.pred_log.log(pixels, sha256=answer.sha256, request_id=uuid.uuid4().hex,
                               detections=answer.detections, model_name=self.model_info.name,
                               model_version=self.model_info.version, traffic=REQUEST_TRAFFIC.get(),

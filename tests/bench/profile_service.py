@@ -4,7 +4,8 @@
 
 Every worker process is sampled (py-spy --subprocesses, active samples only, native frames off) and
 each sample is put in the first bucket its stack matches (inference, decode, prediction-log
-featurization, ...). Prints the share of the workers' samples per bucket and writes the JSON (and
+featurization, ...). The prediction log's featurizer processes (children of the workers) are counted
+apart, beside the workers' samples. Prints the share of the workers' samples per bucket and writes the JSON (and
 py-spy's collapsed stacks) under --out. Measures whatever machine runs it: state it beside the figures.
 """
 
@@ -38,12 +39,42 @@ BUCKETS = [
 ]
 
 
+# How a 'spawn' child's command line starts (py-spy --subprocesses puts it in the stack's process frame):
+# the prediction log's featurizer process (monitoring/logger.py), sampled apart from the workers.
+FEATURIZER_PROCESS = "multiprocessing.spawn import spawn_main"
+
+
 def bucket(stack: str) -> str:
     """The bucket of one collapsed py-spy stack."""
     for name, needles in BUCKETS:
         if any(n in stack for n in needles):
             return name
     return "other (event loop, HTTP, BentoML)"
+
+
+def process_cpu(handles: list[tuple[int, float]]) -> dict[int, tuple[str, float]]:
+    """Each live process's command line and CPU seconds so far (user + system); `handles` as
+    `pipelines.processes.descendants` gives them."""
+    import psutil
+
+    out = {}
+    for pid, _ in handles:
+        try:
+            proc = psutil.Process(pid)
+            times = proc.cpu_times()
+            out[pid] = (" ".join(proc.cmdline()), times.user + times.system)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return out
+
+
+def cpu_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds used between two `process_cpu` readings, summed per kind of process."""
+    kinds: Counter[str] = Counter()
+    for pid, (cmd, secs) in after.items():
+        kind = ("featurizers" if FEATURIZER_PROCESS in cmd else "workers" if "worker.service" in cmd else "other")
+        kinds[kind] += secs - before.get(pid, (cmd, 0.0))[1]
+    return {k: round(v, 2) for k, v in sorted(kinds.items())}
 
 
 def profile(model_dir: Path, mode: str, seconds: float, connections: int, images: int, out: Path) -> dict:
@@ -71,20 +102,30 @@ def profile(model_dir: Path, mode: str, seconds: float, connections: int, images
             wrk = subprocess.Popen(["wrk", "-t1", f"-c{connections}", f"-d{seconds + 4:.0f}s", "-s", str(WRK_SCRIPT),
                                     url, "--", mode, *map(str, files)], stdout=subprocess.PIPE, text=True)
             raw = out / f"pyspy-{mode}.txt"
+            cpu_before = process_cpu(descendants(server.pid))
             subprocess.run([tools["py-spy"], "record", "--pid", str(server.pid), "--subprocesses", "--format", "raw",
                             "--duration", str(int(seconds)), "--rate", "200", "--output", str(raw), "--nonblocking"],
                            check=True, capture_output=True, timeout=seconds + 60)
+            cpu_after = process_cpu(descendants(server.pid))
             wrk_out, _ = wrk.communicate(timeout=seconds + 60)
-            workers = len(descendants(server.pid))
+            workers = sum("worker.service" in cmd for cmd, _ in cpu_after.values())
     samples: Counter[str] = Counter()
+    featurizer: Counter[str] = Counter()  # the prediction log's featurizer processes (children of the workers)
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if "serving/service.py" in stack or "monitoring/" in stack or "site-packages" in stack:
-            samples[bucket(stack)] += int(count)
+            (featurizer if FEATURIZER_PROCESS in stack else samples)[bucket(stack)] += int(count)
     total = sum(samples.values())
     result = {"mode": mode, "seconds": seconds, "connections": connections, "processes": workers,
               "wrk": json.loads(wrk_out.strip().splitlines()[-1]), "samples": total,
-              "shares": {k: round(v / total, 4) for k, v in samples.most_common()}}
+              "shares": {k: round(v / total, 4) for k, v in samples.most_common()},
+              # Beside the workers' samples, not among them: what the niced featurizers took.
+              "featurizer_samples": sum(featurizer.values()),
+              "featurizer_buckets": dict(featurizer.most_common()),
+              # CPU seconds (user + system, /proc) each kind of process used while py-spy sampled: py-spy
+              # counts a runnable thread waiting for a core as active, so a niced process's samples
+              # overstate what it used on a busy machine; these do not.
+              "cpu_s": cpu_by_kind(cpu_before, cpu_after)}
     (out / f"profile-{mode}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 

@@ -177,44 +177,55 @@ def test_logger_survives_store_folder_removed(tmp_path: Path) -> None:
     assert logger.failures == 1 and logger.written == 0
 
 
+class _GatedStore(SQLiteStore):
+    """Appends only once the file `<root>/open` exists (a store that stalls, across processes)."""
+
+    def append(self, records):  # noqa: ANN001
+        deadline = time.monotonic() + 30
+        while not (self.root / "open").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        super().append(records)
+
+
 def test_logger_drops_when_queue_full(tmp_path: Path) -> None:
-    gate = threading.Event()
-
-    class _Slow(SQLiteStore):
-        def append(self, records):  # noqa: ANN001
-            gate.wait(10)
-            super().append(records)
-
-    logger = PredictionLogger(_Slow(tmp_path), class_names=CLASSES, max_queue=2, batch_size=1)
+    logger = PredictionLogger(_GatedStore(tmp_path), class_names=CLASSES, max_queue=2, batch_size=1)
     img, sha = _image(0)
     results = [logger.log(img, sha256=sha, request_id=str(i), detections=[], model_name="m", model_version="1")
                for i in range(10)]
-    gate.set()
+    (tmp_path / "open").touch()
     logger.close()
+    # At most the queue (2) and the featurizer's batch (1, stalled in append) get in, give or take timing.
     assert results.count(False) == logger.dropped >= 6
     assert logger.written == results.count(True)
 
 
+def _decode_counted(pixels: np.ndarray, calls: Path) -> np.ndarray:
+    """A picklable 'decode': returns the pixels and appends a line to `calls` (in the featurizer)."""
+    with calls.open("a") as f:
+        f.write("decoded\n")
+    return pixels
+
+
 def test_logger_reuses_features_of_a_known_image_and_decodes_lazily(tmp_path: Path) -> None:
     # A cache hit is logged without pixels: the features are those the first request of the same
-    # image produced (identical values), and the decode function runs only for a forgotten image.
+    # image produced (identical values), and the decode function runs (in the featurizer process)
+    # only for a forgotten image.
+    import functools
+
     logger = PredictionLogger(tmp_path, class_names=CLASSES, remember=1)
     img, sha = _image(0)
     other, other_sha = _image(1)
-    calls = []
-
-    def decode(pixels: np.ndarray = img) -> np.ndarray:
-        calls.append(1)
-        return pixels
+    calls = tmp_path / "calls.txt"
+    decode = functools.partial(_decode_counted, img, calls)
 
     logger.log(img, sha256=sha, request_id="first", detections=_dets(), model_name="m", model_version="1")
     logger.log(decode, sha256=sha, request_id="hit", detections=_dets(), model_name="m", model_version="1")
     logger.flush()
-    assert calls == []
+    assert not calls.exists()
     logger.log(other, sha256=other_sha, request_id="other", detections=[], model_name="m", model_version="1")
     logger.log(decode, sha256=sha, request_id="forgotten", detections=[], model_name="m", model_version="1")
     logger.close()
-    assert calls == [1]
+    assert calls.read_text() == "decoded\n"
     df = open_store(tmp_path).read().set_index("request_id")
     direct = make_record(img, sha256=sha, request_id="x", detections=_dets(), class_names=CLASSES,
                          model_name="m", model_version="1")
@@ -223,3 +234,61 @@ def test_logger_reuses_features_of_a_known_image_and_decodes_lazily(tmp_path: Pa
         assert {k: row[k] for k in direct.statistics} == direct.statistics
         embedding = [row[f"emb_{i}"] for i in range(len(direct.embedding))]
         assert np.array_equal(np.asarray(embedding, dtype=np.float32), direct.embedding)
+
+
+def test_a_record_written_by_the_featurizer_process_equals_make_record(tmp_path: Path) -> None:
+    # The featurizer is another process (another interpreter): what it writes must be exactly what
+    # make_record computes here, or the live window would drift from the reference by construction.
+    img, sha = _image(7, h=300, w=420)  # above the statistics' 256 px: the downscaling runs too
+    ts = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    logger = PredictionLogger(tmp_path / "live", class_names=CLASSES)
+    assert logger._process.pid != __import__("os").getpid() and logger._process.is_alive()
+    logger.log(img, sha256=sha, request_id="r", detections=_dets(), model_name="m", model_version="2",
+               traffic="shadow", tenant="acme")
+    logger.flush()
+    assert logger.written == 1  # flush returned after the write, not merely after the enqueue
+    logger.close()
+    assert not logger._process.is_alive()
+    direct = make_record(img, sha256=sha, request_id="r", detections=_dets(), class_names=CLASSES,
+                         model_name="m", model_version="2", ts=ts, traffic="shadow", tenant="acme")
+    reference = open_store(tmp_path / "direct")
+    reference.append([direct])
+    live = open_store(tmp_path / "live").read().drop(columns=["ts"]).reset_index(drop=True)
+    expected = reference.read().drop(columns=["ts"]).reset_index(drop=True)
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(live, expected, check_exact=True)
+
+
+def test_logger_counts_an_item_it_cannot_send(tmp_path: Path) -> None:
+    # A callable that cannot be pickled never reaches the featurizer: counted, and flush does not hang.
+    logger = PredictionLogger(tmp_path, class_names=CLASSES)
+    img, sha = _image(0)
+    assert logger.log(lambda: img, sha256=sha, request_id="x", detections=[], model_name="m", model_version="1")
+    logger.log(img, sha256=sha, request_id="y", detections=[], model_name="m", model_version="1")
+    logger.flush()
+    logger.close()
+    assert logger.failures == 1 and logger.written == 1
+
+
+def test_the_featurizer_exits_when_its_worker_is_killed(tmp_path: Path) -> None:
+    # A serving worker killed outright (SIGKILL, OOM killer) cannot close its logger: the featurizer
+    # must notice and exit rather than stay behind as an orphan.
+    import os
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = (f"import os, signal, sys\nfrom monitoring.logger import PredictionLogger\n"
+              f"logger = PredictionLogger({str(tmp_path)!r}, class_names=['a'])\n"
+              f"print(logger._process.pid, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    worker = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert worker.returncode == -9, worker.stderr
+    featurizer = int(worker.stdout.split()[0])
+    try:
+        psutil.Process(featurizer).wait(timeout=60)  # it checks every flush interval (0.5 s)
+    except psutil.NoSuchProcess:
+        pass
+    assert not psutil.pid_exists(featurizer) or psutil.Process(featurizer).status() == psutil.STATUS_ZOMBIE
