@@ -80,7 +80,8 @@ def cpu_by_kind(before: dict[int, tuple[str, float]], after: dict[int, tuple[str
 def profile(model_dir: Path, mode: str, seconds: float, connections: int, images: int, out: Path) -> dict:
     """Start the service, load it with wrk for `seconds`, sample its workers; the bucket shares."""
     from pipelines.processes import descendants
-    from tests.serving_process import detector_service, synthetic_jpegs
+    from tests.serving_process import (BENCH_OVERRIDES, auth_overrides, detector_service, mint_key, service_env,
+                                       synthetic_jpegs)
 
     # py-spy comes with the virtual environment (its bin/ may not be on PATH), wrk from the system.
     tools = {tool: shutil.which(tool, path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
@@ -95,7 +96,10 @@ def profile(model_dir: Path, mode: str, seconds: float, connections: int, images
         for i, data in enumerate(synthetic_jpegs(images)):
             files.append(work / f"img{i}.jpg")
             files[-1].write_bytes(data)
-        with detector_service(model_dir, work, overrides={"DETOPS_SERVE_CACHE_ENTRIES": "0"}) as server:
+        # Authentication on, as in production; wrk_detect.lua sends DETOPS_API_KEY (wrk inherits it).
+        overrides = {"DETOPS_SERVE_CACHE_ENTRIES": "0", **auth_overrides(work), **BENCH_OVERRIDES}
+        os.environ["DETOPS_API_KEY"] = mint_key(service_env(work, overrides), tenant="bench", scopes="detect")
+        with detector_service(model_dir, work, overrides=overrides) as server:
             url = server.url + "/detect"
             subprocess.run(["wrk", "-t1", f"-c{connections}", "-d3s", "-s", str(WRK_SCRIPT), url, "--", mode,
                             *map(str, files)], check=True, capture_output=True, timeout=60)  # warm-up
