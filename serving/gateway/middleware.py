@@ -99,7 +99,7 @@ class Gateway:
         context.REQUEST_ID.set(rid)
         context.TENANT.set("-")
         context.KEY_ID.set("-")
-        send = _with_headers(send, [(b"x-request-id", rid.encode())])
+        send = _json_route_errors(_with_headers(send, [(b"x-request-id", rid.encode())]))
         started = time.perf_counter()
         status: list[int] = []
         try:
@@ -219,6 +219,31 @@ def _with_headers(send: Callable[..., Any], headers: list[tuple[bytes, bytes]]) 
     async def wrapped(message: Message) -> None:
         if message["type"] == "http.response.start":
             message = {**message, "headers": [*message.get("headers", []), *headers]}
+        await send(message)
+    return wrapped
+
+
+def _json_route_errors(send: Callable[..., Any]) -> Callable[..., Any]:
+    """The router's own 404/405 (a path no route matches, e.g. an id with a newline) come as plain text:
+    send them as the JSON error body every other error has, as the OpenAPI document promises."""
+    replaced: list[bytes] = []
+
+    async def wrapped(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] in (404, 405):
+            headers = dict(message.get("headers", []))
+            if not headers.get(b"content-type", b"").startswith(b"application/json"):
+                from serving.schemas import ErrorBody
+
+                code, detail = (("not_found", "no such route or resource") if message["status"] == 404
+                                else ("method_not_allowed", "this route does not take that method"))
+                replaced.append(ErrorBody(error=code, detail=detail).model_dump_json().encode())
+                kept = [(k, v) for k, v in message.get("headers", []) if k not in (b"content-type", b"content-length")]
+                message = {**message, "headers": [*kept, (b"content-type", b"application/json"),
+                                                  (b"content-length", str(len(replaced[0])).encode())]}
+        elif message["type"] == "http.response.body" and replaced:
+            if message.get("more_body", False):
+                return  # the plain-text body is dropped; the JSON one goes with the last chunk
+            message = {"type": "http.response.body", "body": replaced[0]}
         await send(message)
     return wrapped
 

@@ -260,3 +260,30 @@ def test_a_stalled_body_is_cut_and_uploads_are_bounded() -> None:
     state = _state(max_concurrent_uploads=1)
     state.uploads = 1  # one upload already being received by this worker
     assert _asgi(state, {})[0] == 503
+
+
+def test_the_routers_plain_text_404_becomes_the_json_error_body() -> None:
+    import asyncio
+
+    from serving.gateway.middleware import _json_route_errors
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def router_404(status: int, content_type: bytes) -> None:
+        wrapped = _json_route_errors(send)
+        await wrapped({"type": "http.response.start", "status": status,
+                       "headers": [(b"content-type", content_type), (b"content-length", b"9")]})
+        await wrapped({"type": "http.response.body", "body": b"Not", "more_body": True})
+        await wrapped({"type": "http.response.body", "body": b" Found"})
+
+    asyncio.run(router_404(404, b"text/plain; charset=utf-8"))
+    headers = dict(sent[0]["headers"])
+    body = b"".join(m["body"] for m in sent[1:])
+    assert headers[b"content-type"] == b"application/json" and int(headers[b"content-length"]) == len(body)
+    assert json.loads(body)["error"] == "not_found" and len(sent) == 2
+    sent.clear()  # a JSON 404 (a job that does not exist) passes untouched
+    asyncio.run(router_404(404, b"application/json"))
+    assert [m.get("body") for m in sent[1:]] == [b"Not", b" Found"]
