@@ -385,6 +385,8 @@ class Deployer:
             stack.live = None  # cannot happen after the restart above, unless the state file was edited
         if stack.live is not None and not (stack.nginx_pid and processes.alive(stack.nginx_pid)):
             if stack.nginx_pid:
+                # A killed master leaves its workers in its process group, still holding the port's socket.
+                processes.stop(stack.nginx_pid, timeout_s=1.0)
                 self.notes.append(f"nginx (pid {stack.nginx_pid}) was down: restarted")
             stack.nginx_pid = None
             self.state.save(stack)

@@ -127,6 +127,17 @@ def same_process(process: Handle) -> bool:
         return False
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of group `pgid` is left (e.g. the workers of a server whose master died)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def stop(pid: int, *, timeout_s: float = 20.0, sig: int = signal.SIGTERM, also: Sequence[Handle] = ()) -> None:
     """Stop process group `pid` with `sig` (the server shuts its workers down gracefully), then SIGKILL
     after `timeout_s` what is left of it, of its descendants and of the processes `also` names (e.g.
@@ -139,15 +150,15 @@ def stop(pid: int, *, timeout_s: float = 20.0, sig: int = signal.SIGTERM, also: 
     except ProcessLookupError:
         alive(pid)  # reap it if it was our child
     deadline = time.monotonic() + timeout_s
-    while alive(pid) and time.monotonic() < deadline:
+    while (alive(pid) or _group_alive(pid)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    if alive(pid):
+    if alive(pid) or _group_alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         kill_deadline = time.monotonic() + 10
-        while alive(pid) and time.monotonic() < kill_deadline:
+        while (alive(pid) or _group_alive(pid)) and time.monotonic() < kill_deadline:
             time.sleep(0.1)
     survivors = []
     for process in leftovers:

@@ -370,10 +370,12 @@ def test_a_killed_command_nginx_or_colour_is_explained_then_repaired(project: Pa
         assert _deployer().state.rollouts(1)[0].verdict == "interrupted"
 
         stack = _deployer().state.stack()
-        os.kill(stack.nginx_pid, signal.SIGKILL)  # the front door dies
+        os.kill(stack.nginx_pid, signal.SIGKILL)  # the front door dies (its workers are orphaned)
         assert any("nginx" in p for p in _deployer().status()["problems"])
         notes = _deployer().repair()
         assert any("nginx" in n and "restarted" in n for n in notes)
+        with pytest.raises(ProcessLookupError):  # no orphaned worker of the killed nginx is left behind
+            os.killpg(stack.nginx_pid, 0)
         live = stack.colours[stack.live]
         os.kill(live.pid, signal.SIGKILL)  # the live colour's main process dies (its workers live on, orphaned)
         notes = _deployer().repair()
