@@ -154,8 +154,10 @@ def test_build_then_plain_bentoml_serve_and_monitoring_verbs(workdir: Path, user
     assert built.returncode == 0, built.stderr[-3000:]
     assert "detops-detector@champion v1" in built.stdout and "bento detops-detector:" in built.stdout
     stored = next((workdir / "home" / "bentoml" / "models" / "detops-detector").glob("*/model.yaml")).parent
-    for file in ("model.onnx", "model_card.json", "calibrator.json"):  # the registry's files, as evaluated
-        assert (stored / file).read_bytes() == (workdir / "models" / file).read_bytes(), file
+    # The registry's files, as evaluated: the variant the gate chose (fp32 models/ or int8 models/int8).
+    served = workdir / json.loads((workdir / "reports" / "evaluate" / "variant.json").read_text())["model_dir"]
+    for file in ("model.onnx", "model_card.json", "calibrator.json"):
+        assert (stored / file).read_bytes() == (served / file).read_bytes(), file
     listed = shell(user_env, "bentoml", "models", "list")
     assert listed.returncode == 0 and "detops-detector" in listed.stdout, listed.stderr[-2000:]
     missing = shell(user_env, "detops", "build", "--alias", "nobody", "--no-bento")
