@@ -21,7 +21,10 @@ def test_the_loop_pays_off_only_with_enough_labels(loop_base, tmp_path: Path) ->
     from monitoring.loop import run_loop
 
     cfg, base = loop_base
-    cfg = cfg.model_copy(update={"work": tmp_path / "work", "out": tmp_path / "out", "model_name": "loop-test"})
+    # The tiny base test split makes the base mAP delta's bootstrap interval wide (measured: lower end -0.029 for
+    # a challenger whose point delta was -0.01): the base margin is widened here; the target slice still decides.
+    cfg = cfg.model_copy(update={"work": tmp_path / "work", "out": tmp_path / "out", "model_name": "loop-test",
+                                 "max_map_regression": 0.04})
     lines: list[str] = []
     result = run_loop(cfg, base, say=lines.append)
     story = "\n".join(lines)
