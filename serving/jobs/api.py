@@ -249,7 +249,7 @@ async def _read_multipart(request: Request, cfg: JobsConfig) -> Submission:
                 value = form[key]
                 if isinstance(value, UploadFile):
                     raise RequestRejected("invalid_parameter", f"{key}: expected a value, got a file", 400)
-                values[key] = json.loads(value) if key == "classes" and value.strip().startswith("[") else value
+                values[key] = _json_or_text(value) if key == "classes" else value
         options = _options(values)
         _check_count(len(files), cfg)
         images = []
@@ -281,6 +281,15 @@ async def _read_json(request: Request, cfg: JobsConfig) -> Submission:
         _check_image_size(len(data), i, item.name, cfg)
         images.append((item.name, data))
     return Submission(images=images, options=JobOptions.model_validate(parsed.model_dump(exclude={"images"})))
+
+
+def _json_or_text(value: str) -> Any:
+    """A form value that holds JSON (`classes=[0, 2]`); text that is not JSON stays text, so the model's
+    validation names the field instead of the parser failing."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def _options(values: dict[str, Any]) -> JobOptions:

@@ -249,6 +249,7 @@ def test_limits_and_bad_requests_are_named_4xx(stack: Stack) -> None:
         (submit(stack, good_images(1), {"conf": "2"}), 400, "invalid_parameter", "conf"),
         (submit(stack, good_images(1), {"callback_url": "ftp://example.com/x"}), 422, "callback_url_refused", "scheme"),
         (submit(stack, good_images(1), {"colour": "red"}), 400, "invalid_parameter", "colour"),
+        (submit(stack, good_images(1), {"classes": "[p\x02"}), 400, "invalid_parameter", "classes"),
         (httpx.post(stack.url + "/jobs", json={"images": [{"name": "a", "data": "***"}]}), 400, "invalid_parameter",
          "base64"),
         (httpx.post(stack.url + "/jobs", json={"images": []}), 400, "missing_field", "at least one image"),
