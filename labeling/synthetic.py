@@ -9,8 +9,9 @@
 - `messiness.json`: which tasks carry which deliberate Label Studio quirk.
 
 Everything is a pure function of the config: the same seed gives byte-identical files. Each image draws
-from its own random streams (seeded by `(seed, index)`), so the drift shifts `dark`, `blur` and
-`background` keep the objects of the unshifted image and change only what they are meant to change.
+from its own random streams (seeded by `(seed, index)`), so the drift shifts `dark`,
+`night`, `blur`, `gray` and `background` keep the objects of the unshifted image and change only what they are
+meant to change.
 See docs/synthetic.md.
 """
 
@@ -491,11 +492,15 @@ def _render(cfg: SynthesizeConfig, index: int, plan: dict[int, str]) -> Syntheti
     shift = streams["shift"]
     if cfg.shift == "dark":
         img = img * shift.uniform(0.2, 0.35)
+    elif cfg.shift == "night":  # far less light than `dark`, and the sensor's gain amplifies its noise
+        img = img * shift.uniform(0.06, 0.12) + shift.normal(0, 2.0, img.shape).astype(np.float32)
     elif cfg.shift == "blur":
         # On 8-bit pixels: OpenCV's 8-bit Gaussian blur is bit-exact across CPUs, the float one is not.
         img = cv2.GaussianBlur(np.clip(img, 0, 255).astype(np.uint8), (0, 0),
                                shift.uniform(2.0, 3.5) * min(width, height) / 256)
     image = np.clip(img, 0, 255).astype(np.uint8)
+    if cfg.shift == "gray":  # a camera in monochrome (night/IR) mode: same scene, no colour
+        image = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
 
     truth = ImageTruth(width, height, [
         TruthObject(o.label, _box(o.polygon, width, height), o.in_label_set, o.rotation) for o in objects

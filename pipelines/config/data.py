@@ -9,7 +9,7 @@ from pydantic import Field, model_validator
 
 from pipelines.config.base import Section
 
-ShiftName = Literal["dark", "blur", "background", "scale", "unseen_class"]
+ShiftName = Literal["dark", "night", "blur", "gray", "background", "scale", "unseen_class"]
 
 
 class SynthesizeConfig(Section):

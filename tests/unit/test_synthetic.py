@@ -235,11 +235,14 @@ def _laplacian_var(image: np.ndarray) -> float:
 
 def test_shifts_change_their_statistic() -> None:
     base = _shifted(None)
-    dark, blur, background = _shifted("dark"), _shifted("blur"), _shifted("background")
-    for b, d, bl, bg in zip(base, dark, blur, background):
+    dark, night, blur, gray, background = (_shifted(s) for s in ("dark", "night", "blur", "gray", "background"))
+    for b, d, n, bl, g, bg in zip(base, dark, night, blur, gray, background):
         # Same objects: these shifts change only the photometry or the background.
-        assert b.truth == d.truth == bl.truth == bg.truth
+        assert b.truth == d.truth == n.truth == bl.truth == g.truth == bg.truth
         assert d.image.mean() < 0.5 * b.image.mean()
+        assert n.image.mean() < 0.5 * d.image.mean()
+        assert np.array_equal(g.image[..., 0], g.image[..., 1]) and np.array_equal(g.image[..., 1], g.image[..., 2])
+        assert not np.array_equal(b.image[..., 0], b.image[..., 2])
         assert _laplacian_var(bl.image) < 0.5 * _laplacian_var(b.image)
         assert not np.array_equal(bg.image, b.image)
 
