@@ -13,6 +13,10 @@ PORT ?= 3000
 # The CRD schemas tests/unit/test_k8s.py validates deploy/k8s against (npm, pinned by package-lock.json).
 K8S_SCHEMAS := deploy/k8s/validate/node_modules/.installed
 
+# The real Label Studio server the feedback loop pushes to (its own venv: it wants pandas 3) and its
+# migrated template database: installed for the tests and the loop demo, not for the pipeline.
+LABEL_STUDIO := .venv-labelstudio/.installed
+
 setup: $(STAMP) $(K8S_SCHEMAS)
 
 k8s-schemas: $(K8S_SCHEMAS)
@@ -43,7 +47,7 @@ lock:
 pipeline: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: setup
+test: setup $(LABEL_STUDIO)
 	$(PY) -m pytest
 
 test-unit: setup
@@ -94,8 +98,11 @@ drift: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro pipelines/monitoring/dvc.yaml
 
 # A local Label Studio server in its own venv (it needs pandas 3; the project pins pandas<3).
-labelstudio: setup
+labelstudio: $(LABEL_STUDIO)
+
+$(LABEL_STUDIO): $(STAMP) requirements-labelstudio.lock
 	$(PY) -c "from monitoring.labelstudio_server import ensure_installed; ensure_installed()"
+	@touch $@
 
 loop-demo: labelstudio
 	$(PY) -m monitoring.loop
