@@ -58,21 +58,21 @@ class LoopConfig(Section):
     base_epochs: int = Field(60, ge=1)  # near convergence: fine-tuning alone must not lift every split
     imgsz: int = Field(128, ge=32, multiple_of=32)
     batch: int = Field(16, ge=1)
-    # `scale` (objects far smaller or larger than in training) moves the model's outputs, not only the
-    # pixels: `dark` keeps the shapes' contrast and this model's detections barely change (docs/monitoring.md).
-    shift: ShiftName = "scale"
+    # `night` moves the model's outputs and labels can teach it; `dark` barely moves them, `gray` cannot be
+    # taught from a few labels, `scale` changes the scene's box sizes themselves (docs/monitoring.md).
+    shift: ShiftName = "night"
     traffic: int = Field(150, ge=10)  # images per traffic window (before and after the rollout)
     rate: float = Field(20.0, gt=0)  # requests per second
     labels: int = Field(150, ge=1)  # drifted images pushed to Label Studio and annotated
     holdout_fraction: float = Field(0.4, gt=0, lt=1)  # of the labels: the target slice, never trained on
-    # First a challenger from only this many of the labels (0: skip): the gate must refuse it and the
-    # champion stay live; the same target slice judges both challengers.
+    # After the rollout, the same recipe from only this many of the labels (0: skip): the gate must refuse
+    # it and the champion stay live; the same target slice judges both challengers.
     few_labels: int = Field(3, ge=0)
     augment_copies: int = Field(1, ge=0)
     finetune_epochs: int = Field(15, ge=1)
     finetune_lr0: float = Field(0.002, gt=0)  # below train.lr0: the champion's weights are a good start
     min_base_map: float = Field(0.3, ge=0, le=1)  # the champion must be a real model: evidence, not noise
-    max_map_regression: float = Field(0.02, ge=0)  # allowed mAP loss on the base split
+    max_map_regression: float = Field(0.03, ge=0)  # allowed mAP loss on the base split (night costs ~0.02)
     min_target_improvement: float = Field(0.03, gt=0, le=1)  # CI lower end of the target slice's gain
     bootstrap_samples: int = Field(500, ge=10)
     min_window: int = Field(50, ge=10)  # drift windows of the loop (drift.min_window for this loop)
