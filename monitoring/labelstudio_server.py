@@ -33,8 +33,9 @@ def template_database(venv: Path | str = DEFAULT_VENV) -> Path:
 
 
 def ensure_installed(venv: Path | str = DEFAULT_VENV, timeout_s: float = 900.0) -> Path:
-    """Create `venv` and pip-install label-studio (requirements-labelstudio.lock) into it unless already there (~1 GB, minutes
-    the first time), then migrate the template database once. Returns the `label-studio` executable."""
+    """Create `venv` and pip-install label-studio (requirements-labelstudio.lock) into it unless already
+    there (~1 GB, minutes the first time), then migrate the template database once. Returns the
+    `label-studio` executable."""
     venv = Path(venv)
     exe = executable(venv)
     python = venv / "bin" / "python"
@@ -57,7 +58,8 @@ def ensure_installed(venv: Path | str = DEFAULT_VENV, timeout_s: float = 900.0) 
             scratch.rename(template.parent)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, StopIteration) as exc:
         detail = (getattr(exc, "stderr", None) or b"").decode(errors="replace").strip().splitlines()[-1:]
-        raise DetopsError(f"installing label-studio=={VERSION} into {venv} failed: {exc!r} {' '.join(detail)}") from None
+        raise DetopsError(f"installing label-studio=={VERSION} into {venv} failed: {exc!r} "
+                          f"{' '.join(detail)}") from None
     return exe
 
 
@@ -97,5 +99,6 @@ def start(data_dir: Path, port: int, username: str, password: str, token: str, *
 def _server_env(data_dir: Path) -> dict[str, str]:
     """Label Studio's environment: its data in `data_dir`, no sign-up, nothing sent out (analytics, the
     version check against PyPI)."""
-    return {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir), "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
-            "COLLECT_ANALYTICS": "false", "LATEST_VERSION_CHECK": "false"}
+    return {**os.environ, "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
+            "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true", "COLLECT_ANALYTICS": "false",
+            "LATEST_VERSION_CHECK": "false"}

@@ -238,7 +238,8 @@ def run_loop(cfg: LoopConfig, base: Base, say: Callable[[str], None] = print) ->
             from deploy.watch import Watcher
 
             watcher = Watcher(deployer, say=lambda s: say(f"   watcher: {s}"))
-            say(f"7. a challenger from all {result.annotated} labels, fine-tuned from v{result.champion_before}'s weights:")
+            say(f"7. a challenger from all {result.annotated} labels, fine-tuned from "
+                f"v{result.champion_before}'s weights:")
             model_all, ds_all, attempt_all = _retrain(cfg, base, work, pulled, "all", result.batch_id, say)
             report = _register_challenger(cfg, work, model_all, ds_all, work / "slice-all", "all", attempt_all, say)
             result.held_out, result.trained_on = attempt_all.held_out, attempt_all.trained_on
