@@ -9,6 +9,7 @@ the same protocol; `open_store` says so for `postgresql://` URLs.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import sqlite3
 import threading
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 DB_FILE = "predictions.db"
+SCHEMA_LOCK = ".schema.lock"  # held while a store object creates or upgrades the schema
 IMAGE_DIR = "images"
 EMBEDDING_PREFIX = "emb_"
 BASE_COLUMNS = ["ts", "request_id", "image_sha256", "width", "height", "model_name", "model_version",
@@ -98,13 +100,17 @@ class SQLiteStore:
             self.db_path = self.root / DB_FILE
             self.image_dir = self.root / IMAGE_DIR
             self._local = threading.local()
-            with self._connect() as con:
+            # Workers open the store at the same time: one at a time creates or upgrades the schema (two
+            # that both saw a column missing would both add it; two switching to WAL at once can collide).
+            with open(self.root / SCHEMA_LOCK, "a") as lock, self._connect() as con:
+                fcntl.flock(lock, fcntl.LOCK_EX)
                 con.execute("PRAGMA journal_mode=WAL")
                 con.execute("""CREATE TABLE IF NOT EXISTS predictions (
                     id INTEGER PRIMARY KEY AUTOINCREMENT, ts REAL NOT NULL, request_id TEXT,
                     image_sha256 TEXT NOT NULL, width INTEGER, height INTEGER, model_name TEXT,
                     model_version TEXT, features TEXT NOT NULL, embedding BLOB NOT NULL,
-                    detections TEXT NOT NULL, image_path TEXT, traffic TEXT NOT NULL DEFAULT 'live')""")
+                    detections TEXT NOT NULL, image_path TEXT, traffic TEXT NOT NULL DEFAULT 'live',
+                    tenant TEXT NOT NULL DEFAULT '-')""")
                 columns = {row[1] for row in con.execute("PRAGMA table_info(predictions)")}
                 if "traffic" not in columns:  # a store written before traffic was recorded: all live
                     con.execute("ALTER TABLE predictions ADD COLUMN traffic TEXT NOT NULL DEFAULT 'live'")
