@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from pipelines import processes
@@ -50,16 +51,21 @@ def ensure_installed(venv: Path | str = DEFAULT_VENV, timeout_s: float = 900.0) 
             # Django's own `manage.py migrate` (Label Studio's development instructions), into a scratch
             # folder moved into place once complete: an interrupted run leaves no half-migrated template.
             manage = next((venv / "lib").glob("python3*/site-packages/label_studio/manage.py"))
-            scratch = template.parent.with_name("template.partial")
-            shutil.rmtree(scratch, ignore_errors=True)
-            scratch.mkdir(parents=True)
+            scratch = Path(tempfile.mkdtemp(prefix="template.partial-", dir=venv))
             subprocess.run([str(python), str(manage), "migrate", "--no-color", "--verbosity", "0"], check=True,
                            timeout=timeout_s, env=_server_env(scratch), capture_output=True)
-            scratch.rename(template.parent)
+            try:
+                scratch.rename(template.parent)
+            except OSError:  # another install finished first: its template serves as well
+                if not template.exists():
+                    raise
+                shutil.rmtree(scratch, ignore_errors=True)
     except (subprocess.CalledProcessError, subprocess.TimeoutExpired, StopIteration) as exc:
         detail = (getattr(exc, "stderr", None) or b"").decode(errors="replace").strip().splitlines()[-1:]
         raise DetopsError(f"installing label-studio=={VERSION} into {venv} failed: {exc!r} "
                           f"{' '.join(detail)}") from None
+    except OSError as exc:
+        raise DetopsError(f"installing label-studio=={VERSION} into {venv} failed: {exc}") from None
     return exe
 
 
