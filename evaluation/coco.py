@@ -74,6 +74,18 @@ def coco_detections(predictions: dict[int, list[Detection]], gt: dict) -> list[d
     return results
 
 
+def background_detections(predictions: dict[int, list[Detection]], gt: dict, conf: float) -> dict[str, int]:
+    """False positives on the background images of `gt` (images without any ground-truth box): how
+    many such images, how many detections with confidence above `conf` they got, and on how many of
+    them. COCO mAP barely sees these (an image without ground truth only adds unmatched detections to
+    each class's ranking), so they are counted apart."""
+    with_boxes = {ann["image_id"] for ann in gt.get("annotations", [])}
+    background = [image["id"] for image in gt["images"] if image["id"] not in with_boxes]
+    counts = [sum(d.confidence > conf for d in predictions.get(i, [])) for i in background]
+    return {"images": len(background), "detections": int(sum(counts)),
+            "images_with_detections": sum(n > 0 for n in counts)}
+
+
 @dataclass
 class CocoMetrics:
     """COCO summary metrics. AP/AR of a category or size bucket with no ground truth is None.

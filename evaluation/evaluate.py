@@ -28,7 +28,14 @@ from evaluation.calibration import (
     plot_reliability,
     reliability,
 )
-from evaluation.coco import CocoMetrics, coco_detections, coco_ground_truth, coco_metrics, image_ids
+from evaluation.coco import (
+    CocoMetrics,
+    background_detections,
+    coco_detections,
+    coco_ground_truth,
+    coco_metrics,
+    image_ids,
+)
 from evaluation.slices import PLOT_FILE, evaluate_slices, plot_slices, slice_mlflow_metrics
 from monitoring.reference import build_reference, save_reference
 from pipelines.config.model import EvaluateConfig
@@ -146,6 +153,10 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         "n_test_images": len(gts["test"]["images"]),
         "n_val_images": len(gts["val"]["images"]),
         "n_test_detections": len(dt_test),
+        # False positives on the test split's background images: at the evaluation's conf (raw
+        # scores, as mAP sees them) and as served (calibrated, the card's default conf).
+        "background": {"at_eval_conf": background_detections(preds["test"], gts["test"], cfg.conf),
+                       "as_served": background_detections(served, gts["test"], runtime.card.thresholds.conf)},
         "variant": cfg.variant,  # fp32, or int8 for the quantized copy (evaluation/quantize.py)
     }
     out = Path(cfg.out)

@@ -5,7 +5,9 @@ image key, a missing or undecodable image, an image whose size differs from the 
 original_width/height, a label not in the labeling config, a non-positive box size, and a box
 further outside the image than `clip_tolerance` (boxes within it are clipped). Skipped and counted:
 tasks with no annotation, tasks whose annotations are all cancelled, tasks whose chosen annotation
-has no labeled rectangle, duplicate images, and non-rectangle regions.
+has regions but no labeled rectangle, duplicate images, and non-rectangle regions. A task whose chosen
+annotation was submitted with an empty result is a labelled negative: a background image with an
+empty label file (ultralytics trains on those; they teach the model where nothing is).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class IngestReport(BaseModel):
     cancelled_annotations_ignored: int = 0
     images_written: int = 0
     images_per_split: dict[str, int] = {}
+    background_images: int = 0  # submitted with an empty result: written with an empty label file
+    background_images_per_split: dict[str, int] = {}
     boxes_per_class_per_split: dict[str, dict[str, int]] = {}
     rotated_boxes: int = 0
     clipped_boxes: int = 0
@@ -237,7 +241,10 @@ class _Ingest:
                 "annotator": f"{cfg.annotator_policy}: {POLICY_TEXT[cfg.annotator_policy]}",
                 "ground_truth": "annotations marked ground_truth take precedence over the others",
                 "cancelled": "cancelled annotations are ignored; tasks with only cancelled ones are skipped",
-                "empty": "tasks without annotations or whose annotation has no labeled rectangle are skipped",
+                "empty": "tasks without annotations, or whose annotation has regions but no labeled "
+                         "rectangle, are skipped",
+                "background": "an annotation submitted with an empty result is a background image (empty "
+                              "label file)",
                 "non_rectangle": "regions other than labeled rectangles are skipped and counted",
                 "duplicates": "images with the same content are kept once, labeled by the task the "
                               "annotator policy prefers",
@@ -279,7 +286,7 @@ class _Ingest:
             self.skipped["all_annotations_cancelled"].append(task.id)
             return
         rects = [r for r in annotation.result if self._is_box(r, task.id)]
-        if not rects:
+        if annotation.result and not rects:  # regions, none a labeled box: not a statement of "nothing here"
             self.skipped["empty"].append(task.id)
             return
 
@@ -374,6 +381,9 @@ class _Ingest:
         report.ground_truth_used = sum(img.annotation.ground_truth for img in self.images.values())
         report.images_written = len(self.images)
         report.images_per_split = {s: sum(v == s for v in split.values()) for s in SPLITS}
+        background = [h for h, image in self.images.items() if not image.labels]
+        report.background_images = len(background)
+        report.background_images_per_split = {s: sum(split[h] == s for h in background) for s in SPLITS}
         report.boxes_per_class_per_split = boxes
         report.skipped_tasks = {k: sorted(v) for k, v in sorted(self.skipped.items())}
         report.skipped_regions = dict(sorted(self.region_skips.items()))

@@ -63,6 +63,30 @@ def trained_model_dir(yolo_dataset: Path, mlflow_uri: str, tmp_path_factory: pyt
     return out
 
 
+REAL_PHOTOS = Path(__file__).resolve().parents[2] / "shared" / "realdata" / "coco128-train"
+
+
+@pytest.fixture(scope="session")
+def real_photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 128 real photos of ../shared/realdata/coco128-train (README there: sources, licences) as a
+    writable tree of symlinks: the folder is read-only and ultralytics writes labels.cache beside
+    labels/. Never copied into the repository. Missing: a failure under CI=true, else a skip saying so."""
+    if not (REAL_PHOTOS / "export.json").is_file():
+        message = f"the real photos are missing: {REAL_PHOTOS} (the shared realdata folder) is not there"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    root = tmp_path_factory.mktemp("real_photos")
+    for entry in REAL_PHOTOS.iterdir():
+        if entry.is_dir():
+            (root / entry.name).mkdir()
+            for item in entry.iterdir():
+                (root / entry.name / item.name).symlink_to(item)
+        else:
+            (root / entry.name).symlink_to(entry)
+    return root
+
+
 @pytest.fixture(scope="session")
 def loop_base(mlflow_uri: str, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     """The feedback loop's starting point, trained once per session: an easy synthetic project (2

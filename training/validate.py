@@ -3,7 +3,8 @@
 Three pandas tables are built from the dataset on disk and each gets its own expectation suite:
 
 - ``annotations``: one row per box (pixels, image size, class);
-- ``images``: one row per image (does it decode, decoded vs annotated size, content hash, boxes);
+- ``images``: one row per image (does it decode, decoded vs annotated size, content hash, boxes, is it
+  a background image: no box);
 - ``class_counts``: one row per (split, class) with the number of instances and the required minimum.
 
 The outcome of every expectation goes to ``<report>/validation.json`` and ``validation.html``, and the
@@ -32,7 +33,7 @@ ANNOTATION_COLUMNS = ["split", "image", "class_id", "class_name", "x1", "y1", "x
                       "box_width", "box_height", "image_width", "image_height"]
 IMAGE_COLUMNS = ["split", "image", "path", "decodes", "decode_error", "width", "height",
                  "annotated_width", "annotated_height", "size_mismatch_px", "sha256",
-                 "splits_with_same_content", "n_boxes", "label_error"]
+                 "splits_with_same_content", "n_boxes", "label_error", "background"]
 COUNT_COLUMNS = ["split", "class_id", "class_name", "instances", "required"]
 
 
@@ -60,6 +61,7 @@ class ValidationSummary:
     n_images: int
     n_boxes: int
     images_per_split: dict[str, int]
+    background_per_split: dict[str, int]
     outcomes: list[ExpectationOutcome]
     report_dir: Path
 
@@ -136,6 +138,8 @@ def build_tables(dataset: YoloDataset, cfg: ValidateConfig) -> dict[str, Any]:
             "annotated_height": annotated[1] if annotated else None, "size_mismatch_px": mismatch,
             "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "n_boxes": len(labels),
             "label_error": label_error,
+            # A labelled negative (empty label file); as a number so that its mean is the share.
+            "background": float(not labels and label_error is None),
         })
 
     images = pd.DataFrame(image_rows, columns=IMAGE_COLUMNS)
@@ -162,6 +166,7 @@ def build_suites(dataset: YoloDataset, cfg: ValidateConfig) -> dict[str, list[An
 
     side = cfg.min_box_side_px
     tol = cfg.size_tolerance_px
+    bg = cfg.background_share
 
     def named(expectation: type, name: str, **kwargs: Any) -> Any:
         return expectation(meta={"name": name}, **kwargs)
@@ -194,6 +199,9 @@ def build_suites(dataset: YoloDataset, cfg: ValidateConfig) -> dict[str, list[An
             named(gxe.ExpectColumnDistinctValuesToContainSet,
                   f"every split non-empty ({', '.join(dataset.splits)})",
                   column="split", value_set=list(dataset.splits)),
+            named(gxe.ExpectColumnMeanToBeBetween,
+                  f"background images (no box) are {bg.min:.0%}-{bg.max:.0%} of the images",
+                  column="background", min_value=bg.min, max_value=bg.max),
         ],
         "class_counts": [
             named(gxe.ExpectColumnPairValuesAToBeGreaterThanB, "enough instances per class per split",
@@ -281,12 +289,14 @@ def _write_reports(summary: ValidationSummary, dataset_root: Path) -> None:
         "images": summary.n_images,
         "boxes": summary.n_boxes,
         "images_per_split": summary.images_per_split,
+        "background_images_per_split": summary.background_per_split,
         "expectations": [o.__dict__ for o in summary.outcomes],
     }
     (out / "validation.json").write_text(json.dumps(payload, indent=2))
     metrics = {"success": summary.success, "images": summary.n_images, "boxes": summary.n_boxes,
                "expectations": len(summary.outcomes), "failed_expectations": len(summary.failures),
-               **{f"images_{s}": n for s, n in summary.images_per_split.items()}}
+               **{f"images_{s}": n for s, n in summary.images_per_split.items()},
+               "background_images": sum(summary.background_per_split.values())}
     (out / "summary.json").write_text(json.dumps(metrics, indent=2))
     (out / "validation.html").write_text(_html(summary, dataset_root))
 
@@ -338,6 +348,8 @@ def validate(cfg: ValidateConfig) -> ValidationSummary:
         n_images=len(images),
         n_boxes=len(tables["annotations"]),
         images_per_split={s: int((images["split"] == s).sum()) for s in dataset.splits},
+        background_per_split={s: int(images.loc[images["split"] == s, "background"].sum())
+                              for s in dataset.splits},
         outcomes=outcomes,
         report_dir=cfg.report,
     )

@@ -41,7 +41,8 @@ def ingest(
     exports = export[0] if export and len(export) == 1 else export or None
     cfg = load_section(IngestConfig, export=exports, out=out, images_root=images_root, labeling_config=labeling_config)
     report = run(cfg)
-    typer.echo(f"ingest: {report.images_written} images {report.images_per_split} -> {cfg.out}")
+    typer.echo(f"ingest: {report.images_written} images {report.images_per_split} ({report.background_images} "
+               f"background) -> {cfg.out}")
 
 
 @app.command(rich_help_panel="Data")

@@ -101,6 +101,20 @@ class MinInstances(Section):
     test: int = Field(3, ge=0)
 
 
+class BackgroundShare(Section):
+    """Allowed share of background images (no box, empty label file) in the whole dataset (validate).
+    ultralytics suggests 0-10 %: a few teach the model where nothing is, many starve it of objects."""
+
+    min: float = Field(0.0, ge=0, le=1)
+    max: float = Field(0.1, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BackgroundShare:
+        if self.min > self.max:
+            raise ValueError(f"background_share.min ({self.min}) must not exceed max ({self.max})")
+        return self
+
+
 class ValidateConfig(Section):
     """The data-quality checks of `detops validate` (docs/data-quality.md)."""
 
@@ -111,6 +125,7 @@ class ValidateConfig(Section):
     min_instances_per_class: MinInstances = MinInstances()
     min_box_side_px: float = Field(2.0, ge=0)  # smaller boxes (either side) fail
     size_tolerance_px: int = Field(0, ge=0)  # allowed |decoded - annotated| image size
+    background_share: BackgroundShare = BackgroundShare()
 
 
 class TransformSpec(Section):

@@ -246,3 +246,16 @@ def test_cli_exit_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     params.write_text(yaml.safe_dump({"augment": {**section, "transforms": [{"name": "Flipp"}]}}))
     bad = CliRunner().invoke(app, args)
     assert bad.exit_code == 1 and "Flipp: not an albumentations transform" in bad.output
+
+
+def test_background_images_are_kept_with_empty_labels(tmp_path: Path) -> None:
+    """A train image with an empty label file (a labelled negative) and its copies stay, empty-labelled."""
+    ds = rect_dataset(tmp_path / "ds", [(20, 10, 70, 50)])
+    cv2.imwrite(str(ds / "images/train/negative.png"), np.full((100, 200, 3), 90, np.uint8))
+    write_yolo_labels(ds / "labels/train/negative.txt", [])
+    out = tmp_path / "out"
+    augment(_cfg(ds, out, copies=2))
+    for name in ("negative", "negative_aug1", "negative_aug2"):
+        assert (out / f"images/train/{name}.png").is_file()
+        assert (out / f"labels/train/{name}.txt").read_text() == ""
+    assert (out / "labels/train/train0_aug1.txt").read_text()  # the boxed image keeps its box

@@ -205,3 +205,20 @@ def test_bootstrap_identical_is_zero_and_perfect_vs_empty_is_one():
 def test_bootstrap_rejects_bad_arguments():
     with pytest.raises(DetopsError, match="n=0"):
         bootstrap_map_delta(SMALL_GT, [], [], n=0)
+
+
+def test_false_positives_on_background_images_are_counted():
+    """Images without any ground-truth box: detections above conf on them, and on how many."""
+    from evaluation.coco import background_detections
+
+    gt = _gt([[(0, [10, 10, 50, 50])], [], []])  # image 1 has a box; 2 and 3 are background
+
+    def det(confidence: float) -> Detection:
+        return Detection(Box(0, 0, 10, 10), 0, confidence, confidence)
+
+    predictions = {1: [det(0.9), det(0.8)], 2: [det(0.5), det(0.05)], 3: [det(0.01)]}
+    assert background_detections(predictions, gt, 0.001) == {"images": 2, "detections": 3,
+                                                             "images_with_detections": 2}
+    assert background_detections(predictions, gt, 0.25) == {"images": 2, "detections": 1,
+                                                            "images_with_detections": 1}
+    assert background_detections({}, _gt([[(0, [10, 10, 50, 50])]]), 0.0)["images"] == 0

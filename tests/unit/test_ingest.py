@@ -523,3 +523,69 @@ def test_holdout_must_name_an_ingested_export(tmp_path):
     base = simple_project(tmp_path / "base", 4)
     with pytest.raises(ValidationError, match="not among ingest.export"):
         cfg_for(base, tmp_path / "ds", holdout={"exports": [tmp_path / "other.json"], "out": tmp_path / "s"})
+
+
+# --------------------------------------------------------------------------- background images
+def background_project(root: Path) -> Path:
+    """Six boxed tasks and the ways a task can say nothing: a submitted empty result (a labelled
+    negative), only a classification, an empty result that was cancelled, and no annotation."""
+    export = simple_project(root, 6)
+    tasks = json.loads(export.read_text())
+    size = (200, 120)
+    choice = {"id": "ch", "type": "choices", "from_name": "quality", "to_name": "image",
+              "value": {"choices": ["good"]}}
+    for i, annotations in enumerate([
+        [annotation([], aid=901)],  # "nothing here", submitted: a background image
+        [annotation([choice], aid=902)],  # regions but no box: skipped as empty
+        [annotation([], aid=903, cancelled=True)],  # skipped, not a negative
+        [],  # not labelled at all
+    ]):
+        make_image(root / "images", f"neg{i}.jpg", size, seed=800 + i)
+        tasks.append({"id": 100 + i, "data": {"image": f"/data/local-files/?d=images/neg{i}.jpg"},
+                      "annotations": annotations})
+    export.write_text(json.dumps(tasks))
+    return export
+
+
+def check_background_kept(out: Path, report) -> None:
+    """Only the submitted empty annotation becomes an image, with an empty label file in its split."""
+    dataset = YoloDataset.load(out)
+    written = {img.stem.split("_", 1)[1]: img for s in SPLITS for img in dataset.images(s)}
+    assert "neg0" in written and not {"neg1", "neg2", "neg3"} & set(written)
+    assert dataset.label_path(written["neg0"]).read_text() == ""
+    assert report.background_images == 1 and sum(report.background_images_per_split.values()) == 1
+    assert report.background_images_per_split[written["neg0"].parent.name] == 1
+    assert report.skipped_tasks == {"all_annotations_cancelled": [102], "empty": [101], "no_annotations": [103]}
+    assert report.images_written == 7
+
+
+def test_submitted_empty_annotation_is_a_background_image(tmp_path):
+    export = background_project(tmp_path / "proj")
+    check_background_kept(tmp_path / "ds", ingest(cfg_for(export, tmp_path / "ds")))
+    assert json.loads((tmp_path / "ds" / REPORT_NAME).read_text())["background_images"] == 1
+
+
+def test_real_photos_export_keeps_its_two_labelled_negatives(real_photos, tmp_path):
+    """The real Label Studio export (128 COCO photos, two submitted with no region): every photo is
+    written, the two negatives with empty label files, each label file equal to the published one."""
+    result = CliRunner().invoke(app, ["ingest", "--export", str(real_photos / "export.json"), "--images-root",
+                                      str(real_photos), "--labeling-config", str(real_photos / "labeling_config.xml"),
+                                      "--out", str(tmp_path / "ds")])
+    assert result.exit_code == 0, result.output
+    assert "(2 background)" in result.output
+    report = json.loads((tmp_path / "ds" / REPORT_NAME).read_text())
+    assert report["tasks"] == report["images_written"] == 128 and report["skipped_tasks"] == {}
+    assert report["background_images"] == 2
+    dataset = YoloDataset.load(tmp_path / "ds")
+    empty = set()
+    for split in SPLITS:
+        for image in dataset.images(split):
+            published = real_photos / "labels" / (image.stem.split("_", 1)[1] + ".txt")
+            ours = dataset.labels(image)
+            theirs = [[float(v) for v in line.split()] for line in published.read_text().splitlines()]
+            assert [lb.class_id for lb in ours] == [int(t[0]) for t in theirs], image.name
+            assert np.allclose([[lb.cx, lb.cy, lb.w, lb.h] for lb in ours] or np.zeros((0, 4)),
+                               [t[1:] for t in theirs] or np.zeros((0, 4)), atol=2e-3), image.name
+            if not ours:
+                empty.add(image.name)
+    assert len(empty) == 2

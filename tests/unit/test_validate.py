@@ -88,7 +88,8 @@ def test_clean_dataset_passes_and_writes_reports(clean: Path) -> None:
     assert all(e["success"] for e in payload["expectations"])
     metrics = json.loads((report / "summary.json").read_text())
     assert metrics == {"success": True, "images": 4, "boxes": 8, "expectations": len(names),
-                       "failed_expectations": 0, "images_train": 2, "images_val": 1, "images_test": 1}
+                       "failed_expectations": 0, "images_train": 2, "images_val": 1, "images_test": 1,
+                       "background_images": 0}
     page = (report / "validation.html").read_text()
     assert "PASSED" in page and 'class="fail"' not in page
 
@@ -143,6 +144,7 @@ def test_same_image_in_train_and_test(clean: Path) -> None:
 
 def test_same_image_twice_in_one_split_is_not_leakage(clean: Path) -> None:
     shutil.copyfile(clean / "images/train/t1.jpg", clean / "images/train/t1_copy.jpg")
+    shutil.copyfile(clean / "labels/train/t1.txt", clean / "labels/train/t1_copy.txt")  # not a background image
     assert validate(cfg(clean)).success
 
 
@@ -235,3 +237,21 @@ def test_unreadable_ingest_report_is_named(clean: Path) -> None:
     with pytest.raises(DetopsError,
                        match=r"ingest_report.json: unreadable per-image sizes \(KeyError: 'split'\)"):
         validate(cfg(clean))
+
+
+def test_share_of_background_images_is_an_expectation(tmp_path: Path) -> None:
+    """Background images (empty label files) count towards a share bounded by validate.background_share."""
+    from pipelines.config.data import BackgroundShare
+
+    layout = {"train": [("t1", _both()), ("t2", _both()), ("b1", []), ("b2", [])],
+              "val": [("v1", _both())], "test": [("s1", _both())]}
+    dataset = make_dataset(tmp_path / "ds", layout)  # 2 of 6 images are background
+    summary = validate(cfg(dataset, background_share=BackgroundShare(min=0.2, max=0.4)))
+    assert summary.background_per_split == {"train": 2, "val": 0, "test": 0}
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["background_images"] == 2
+    message = _fails(dataset)  # the default allows at most 10 %
+    assert "background images (no box) are 0%-10% of the images: 0.333" in message
+    assert "background images (no box) are 50%-100%" in _fails(dataset, background_share=BackgroundShare(min=0.5,
+                                                                                                       max=1.0))
+    with pytest.raises(ValueError, match="must not exceed"):
+        BackgroundShare(min=0.5, max=0.2)
