@@ -1,6 +1,8 @@
 """The model runtime shared by evaluation, the registry's pyfunc model, serving and benchmarks.
 
-A model folder holds `model.onnx` (dynamic batch, fixed square input), `model_card.json` (classes,
+A model folder holds `model.onnx` (a YOLOv8/YOLO11 detection head: output (batch, 4 + classes,
+anchors); fixed square input; dynamic batch, or a static one such as the batch of 1 that `yolo export`
+writes by default, run in chunks of that size; float32 or float16 input), `model_card.json` (classes,
 input size, preprocessing, default thresholds, provenance) and optionally `calibrator.json`.
 `ModelRuntime` reproduces ultralytics' predictor on that ONNX model with numpy, OpenCV and ONNX
 Runtime only (no torch, no ultralytics, so serving stays light):
@@ -86,6 +88,7 @@ class ModelCard(BaseModel):
     model_yaml: str
     created_at: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
     versions: dict[str, str] = {}
+    source: dict[str, str] = {}  # where an imported model came from (training/importer.py); empty: trained here
 
     @classmethod
     def load(cls, path: Path) -> ModelCard:
@@ -244,6 +247,34 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+SUPPORTED = ("supported: an ultralytics YOLOv8/YOLO11-style detection head exported to ONNX with raw "
+             "outputs (batch, 4 + classes, anchors) and a square input, e.g. `yolo export format=onnx "
+             "imgsz=640`; end-to-end (NMS-free) exports such as YOLO26's default, and segmentation, pose, "
+             "OBB or classification heads are not")
+
+
+def check_graph(session: Any, n_classes: int, imgsz: int, where: Path | str) -> None:
+    """Refuse an ONNX graph the runtime cannot run or decode, naming what is supported: one float
+    (N, 3, S, S) input with S = `imgsz` (or symbolic), one output (N, 4 + `n_classes`, anchors)."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or inputs[0].type not in ("tensor(float)", "tensor(float16)"):
+        raise DetopsError(f"{where}: expects one float image input, has "
+                          f"{[(i.name, i.type) for i in inputs]}; {SUPPORTED}")
+    shape = inputs[0].shape
+    if len(shape) != 4 or shape[1] != 3:
+        raise DetopsError(f"{where}: input shape {shape} is not (batch, 3, height, width); {SUPPORTED}")
+    sizes = [d for d in shape[2:] if isinstance(d, int)]
+    if len(sizes) == 2 and sizes[0] != sizes[1]:
+        raise DetopsError(f"{where}: input {shape[2]}x{shape[3]} is not square; {SUPPORTED} "
+                          f"(export again with one imgsz)")
+    if any(d != imgsz for d in sizes):
+        raise DetopsError(f"{where}: input shape {shape} does not match the card's imgsz {imgsz}")
+    out = outputs[0].shape
+    if len(outputs) != 1 or len(out) != 3 or out[1] != 4 + n_classes:
+        raise DetopsError(f"{where}: output {[o.shape for o in outputs]} is not the detection head "
+                          f"(batch, 4 + {n_classes} classes, anchors) detops decodes; {SUPPORTED}")
+
+
 class ModelRuntime:
     """An ONNX detector with its card and calibrator. Safe to share between threads: the session is
     created once and `InferenceSession.run` is thread-safe; every call allocates its own buffers."""
@@ -253,7 +284,11 @@ class ModelRuntime:
         self.card = card
         self.calibrator = calibrator
         self.model_dir = model_dir
-        self.input_name: str = session.get_inputs()[0].name
+        model_input = session.get_inputs()[0]
+        self.input_name: str = model_input.name
+        # A fixed batch (ultralytics exports batch 1 unless dynamic=True): `infer` runs chunks of it.
+        self.static_batch: int | None = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
+        self.input_dtype = np.float16 if model_input.type == "tensor(float16)" else np.float32
 
     @property
     def class_names(self) -> list[str]:
@@ -280,9 +315,7 @@ class ModelRuntime:
             session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
             raise DetopsError(f"{onnx_path}: cannot load ONNX model ({type(exc).__name__}: {exc})") from None
-        shape = session.get_inputs()[0].shape
-        if shape[2:] != [card.imgsz, card.imgsz]:
-            raise DetopsError(f"{onnx_path}: input shape {shape} does not match the card's imgsz {card.imgsz}")
+        check_graph(session, len(card.classes), card.imgsz, onnx_path)
         return cls(session, card, calibrator, model_dir)
 
     # ------------------------------------------------------------------ steps
@@ -310,8 +343,20 @@ class ModelRuntime:
         return tensor
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
-        """The raw model output for a model input: (N, 4 + nc, anchors)."""
-        return self.session.run(None, {self.input_name: batch})[0]
+        """The raw model output for a model input: (N, 4 + nc, anchors), float32. A static-batch model
+        runs the input in chunks of its batch size, the last one padded with zeros."""
+        batch = batch.astype(self.input_dtype, copy=False)
+        size = self.static_batch
+        if size is None or len(batch) == size:
+            return self.session.run(None, {self.input_name: batch})[0].astype(np.float32, copy=False)
+        parts = []
+        for start in range(0, len(batch), size):
+            chunk = batch[start:start + size]
+            n = len(chunk)
+            if n < size:
+                chunk = np.concatenate([chunk, np.zeros((size - n, *chunk.shape[1:]), chunk.dtype)])
+            parts.append(self.session.run(None, {self.input_name: chunk})[0][:n])
+        return np.concatenate(parts).astype(np.float32, copy=False)
 
     def postprocess(self, raw: np.ndarray, metas: Sequence[LetterboxMeta],
                     params: PredictParams) -> list[list[Detection]]:

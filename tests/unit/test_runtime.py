@@ -134,8 +134,10 @@ KNOWN = _raw([
 ])
 
 
-def _write_model_dir(folder: Path, calibrator: Calibrator | None = None) -> Path:
-    """A model folder whose ONNX graph returns KNOWN for every image (output = KNOWN + 0 * sum(input))."""
+def _write_model_dir(folder: Path, calibrator: Calibrator | None = None, *, batch: int | str = "batch",
+                     hw: tuple[int, int] = (IMGSZ, IMGSZ), known: np.ndarray = KNOWN) -> Path:
+    """A model folder whose ONNX graph returns `known` for every image (output = known + 0 * sum(input)),
+    with a dynamic or a static `batch` and an input of `hw` pixels."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -150,11 +152,11 @@ def _write_model_dir(folder: Path, calibrator: Calibrator | None = None) -> Path
         numpy_helper.from_array(np.array([1, 2, 3], np.int64), "axes"),
         numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
         numpy_helper.from_array(np.array([-1, 1, 1], np.int64), "shape"),
-        numpy_helper.from_array(KNOWN[None], "known"),
+        numpy_helper.from_array(known[None], "known"),
     ]
     graph = helper.make_graph(
-        nodes, "known", [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, IMGSZ, IMGSZ])],
-        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, ["batch", *KNOWN.shape])], inits)
+        nodes, "known", [helper.make_tensor_value_info("images", TensorProto.FLOAT, [batch, 3, *hw])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [batch, *known.shape])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     model.ir_version = 10
     onnx.checker.check_model(model)
@@ -267,3 +269,30 @@ def test_a_bad_calibrator_file_is_refused_when_loaded(tmp_path: Path, content: s
     (tmp_path / "calibrator.json").write_text(content)
     with pytest.raises(DetopsError, match=message):
         Calibrator.load(tmp_path / "calibrator.json")
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_static_batch_model_runs_any_number_of_images(tmp_path: Path, batch: int) -> None:
+    """ultralytics' default export has a batch of 1: ONNX Runtime refuses any other ("Got: 3 Expected:
+    1"); the runtime runs chunks of the model's batch (the last padded) and keeps the order."""
+    static = ModelRuntime.load(_write_model_dir(tmp_path / "static", batch=batch), threads=1)
+    dynamic = ModelRuntime.load(_write_model_dir(tmp_path / "dynamic"), threads=1)
+    assert static.static_batch == batch and dynamic.static_batch is None
+    images = [np.zeros((64, 64, 3), np.uint8), np.zeros((32, 64, 3), np.uint8), np.zeros((64, 16, 3), np.uint8)]
+    boxed, _ = static.letterbox(images)
+    assert static.infer(static.to_input(boxed)).shape == (3, *KNOWN.shape)
+    assert static.predict(images, conf=0.1) == dynamic.predict(images, conf=0.1)
+    with pytest.raises(Exception, match=f"Got: 3 Expected: {batch}"):  # what the runtime spares its callers
+        static.session.run(None, {static.input_name: static.to_input(boxed)})
+
+
+def test_what_the_runtime_cannot_decode_is_refused_at_load_naming_what_is_supported(tmp_path: Path) -> None:
+    end_to_end = np.zeros((300, 6), np.float32)  # YOLO26's default export: (batch, 300, x1 y1 x2 y2 conf cls)
+    with pytest.raises(DetopsError, match=r"not the detection head \(batch, 4 \+ 2 classes.*end-to-end"):
+        ModelRuntime.load(_write_model_dir(tmp_path / "e2e", known=end_to_end))
+    with pytest.raises(DetopsError, match="input 64x96 is not square"):
+        ModelRuntime.load(_write_model_dir(tmp_path / "wide", hw=(64, 96)))
+    folder = _write_model_dir(tmp_path / "classes")
+    ModelCard(name="x", classes=["a", "b", "c"], imgsz=IMGSZ, model_yaml="y").save(folder / CARD_FILE)
+    with pytest.raises(DetopsError, match=r"4 \+ 3 classes"):
+        ModelRuntime.load(folder)
