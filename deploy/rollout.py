@@ -9,6 +9,12 @@ colour stays warm for `deploy.keep_previous_s` (an instant rollback), then drain
 the idle colour is stopped, traffic never left the live one, the verdict is recorded, `@champion` goes
 back to the live version and the refused version is tagged so the watcher does not retry it.
 
+After the switch, while the old colour is warm, the new live version is judged on its own live traffic
+with the same gates (error rate, p95 against the previous version's just before the switch): when one
+breaks, the deployment switches back by itself and records why (`after_switch`, `guard`). Whoever runs
+attached does that watching: `detops deploy watch`, or `detops deploy rollout` unless `--detach`; the
+old colour is retired by them too when its time is up (or by the next command that reconciles).
+
 Every command first reconciles the recorded state with what runs (a colour or nginx killed, a rollout
 whose command died) and repairs what it can; all of it under one lock (deploy/state.py).
 """
@@ -18,6 +24,8 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -26,15 +34,17 @@ from typing import Any
 import httpx
 
 from deploy import colours, nginx
-from deploy.state import ColourProcess, DeployState, Rollout, Stack, now, other
+from deploy.state import DeployState, Rollout, Stack, now, other
 from deploy.verify import (
     Check,
     VerificationFailed,
     access_log_offset,
+    after_switch_gates,
     agreement,
     gates,
     model_requests,
     read_access_log,
+    recent_access_log,
     smoke,
     traffic,
     write_report,
@@ -46,9 +56,14 @@ from pipelines.errors import DetopsError
 
 
 class RolloutRefused(DetopsError):
-    """A rollout did not pass its verification: traffic stayed on the live colour (exit code 4)."""
+    """A rollout did not pass its verification: traffic stayed on the live colour (exit code 4); or the
+    version broke after the switch and traffic went back to the previous one."""
 
     exit_code = 4
+
+
+SMOKE_TENANT = "detops.deploy"  # the deployment's own tenant: its smoke-check keys, minted per check
+SMOKE_SCOPES = "detect"
 
 
 class Deployer:
@@ -122,10 +137,58 @@ class Deployer:
                 rollout = self._switch_to_warm(stack, trigger, f"rollback: {reason}")
             else:
                 rollout = self._rollout(stack, target, trigger)
-            registry.tag_version(self.serve.model_name, bad, {"deploy.verdict": "rolled_back",
-                                                               "deploy.reason": reason[:250]})
-            registry.move_champion_back(self.serve.model_name, target, reason=f"rollback: {reason}")
+            self._record_rollback(bad, target, reason)
             return rollout
+
+    def guard(self, rollout_id: int | None = None) -> tuple[str, str]:
+        """One look at the live version after a rollout's switch, while the previous colour is warm:
+        ("watching", figures) while its gates hold; ("rolled_back", why) when one broke and traffic went
+        back to the warm previous version; ("retired", ...) when the keep-warm time is over (the previous
+        colour stopped); ("none", ...) when nothing is watched (or, with `rollout_id`, not that rollout)."""
+        with self.state.lock():
+            stack = self.state.stack()
+            watched = stack.after_switch
+            if watched is None or (rollout_id is not None and watched["rollout"] != rollout_id):
+                return "none", "no rollout is being watched after its switch"
+            idle = other(stack.live)
+            warm = stack.colours.get(idle)
+            if warm is None or warm.version != stack.previous_version or not processes.alive(warm.pid):
+                stack.after_switch = None
+                self.state.save(stack)
+                return "none", f"the previous colour {idle} is gone: v{stack.live_version} is no longer watched"
+            if warm.retire_at and datetime.fromisoformat(warm.retire_at) <= datetime.now(timezone.utc):
+                self._retire(stack, idle)
+                return "retired", (f"v{stack.live_version} held through the keep-warm time: v{warm.version} "
+                                   f"({idle}) retired")
+            entries = read_access_log(self.prefix / nginx.ACCESS_LOG, watched["log_offset"])
+            live = traffic(entries, stack.colours[stack.live].port, ("live",))
+            checks = after_switch_gates(live, watched["before"], self.cfg)
+            failed = [c for c in checks if not c.passed]
+            if not failed:
+                return "watching", f"v{stack.live_version}: {live['requests']} requests, {live['errors']} failed"
+            bad, target = stack.live_version, warm.version
+            why = f"after the switch: {_failure(failed[0])}"
+            self._switch_to_warm(stack, "guard", f"automatic rollback: {why}")
+            rollout = self.state.rollout(watched["rollout"])
+            if rollout is not None:
+                figures = {**rollout.figures, "after_switch": live}
+                rollout = self.state.finish_rollout(rollout, "rolled_back", why, figures)
+                write_report(Path(self.cfg.reports), rollout, [*gates_or_empty(figures, self.cfg), *checks])
+            self._record_rollback(bad, target, why)
+            return "rolled_back", f"v{bad} broke {why}; v{target} is live again"
+
+    def watch_after_switch(self, rollout_id: int, say: Any = print) -> str:
+        """Stay attached while rollout `rollout_id`'s previous colour is warm, judging the new version
+        every `deploy.watch.live_check_s` (`guard`); returns how the window ended, RolloutRefused when
+        the version was rolled back. Bounded by the keep-warm time."""
+        deadline = time.monotonic() + self.cfg.keep_previous_s + 60.0
+        while True:
+            outcome, text = self.guard(rollout_id)
+            if outcome == "rolled_back":
+                raise RolloutRefused(text)
+            if outcome != "watching" or time.monotonic() > deadline:
+                return text
+            time.sleep(self.cfg.watch.live_check_s)
 
     def down(self) -> None:
         """Stop the front door and both colours (by PID), letting in-flight requests finish."""
@@ -134,7 +197,6 @@ class Deployer:
             if stack.nginx_pid:
                 nginx.stop(stack.nginx_pid, drain_s=self.cfg.drain_s)
             for process in stack.colours.values():
-                _cancel_retire(process)
                 colours.stop(process, drain_s=self.cfg.drain_s)
             for worker in stack.job_workers:  # a worker finishes its chunk in flight (Celery's warm shutdown)
                 if processes.same_process(worker):
@@ -178,22 +240,6 @@ class Deployer:
             self._reconcile()
             return self.notes
 
-    def retire(self, colour: str) -> bool:
-        """Stop `colour` if it is still a warm previous colour whose time is up (the detached retire
-        process calls this when the keep-warm time has passed); whether it stopped it."""
-        with self.state.lock():
-            stack = self.state.stack()
-            process = stack.colours.get(colour)
-            if process is None or colour == stack.live or process.retire_at is None:
-                return False
-            if datetime.fromisoformat(process.retire_at) > datetime.now(timezone.utc):
-                return False
-            colours.stop(process, drain_s=self.cfg.drain_s)
-            del stack.colours[colour]
-            self.state.save(stack)
-            registry.tag_version(self.serve.model_name, process.version, {"retired_at": now()})
-            return True
-
     # ------------------------------------------------------------------ mechanics
     def _warm_version(self, stack: Stack) -> str | None:
         """The version of the idle colour when it runs and is ready (a warm previous colour), else None."""
@@ -205,7 +251,7 @@ class Deployer:
         idle = other(stack.live)
         rollout = self.state.start_rollout(stack.colours[idle].version, stack.live_version, idle, trigger)
         started = time.monotonic()
-        self._switch(stack, idle)
+        self._switch(stack, idle, watch=None)
         figures = {"switch_s": round(time.monotonic() - started, 3), "warm": True}
         rollout = self.state.finish_rollout(rollout, "passed", reason, figures)
         write_report(Path(self.cfg.reports), rollout, [])
@@ -229,7 +275,7 @@ class Deployer:
             started = time.monotonic()
             warm = stack.colours.get(idle)
             if warm is not None and warm.version == version and colours.healthy(self.cfg, idle, warm):
-                _cancel_retire(warm)  # the warm previous colour is the one wanted: no new start
+                warm.retire_at = None  # the warm previous colour is the one wanted: no new start
             else:
                 colours.stop(stack.colours.pop(idle, None), drain_s=0)
                 self.state.save(stack)
@@ -258,7 +304,7 @@ class Deployer:
                                             reason=f"deploy refused v{version}: {reason[:200]}")
             raise RolloutRefused(f"rollout of v{version} refused, traffic stays on v{live_version}: {reason}") from None
         switched = time.monotonic()
-        self._switch(stack, idle)
+        self._switch(stack, idle, watch=rollout.id)
         figures["switch_s"] = round(time.monotonic() - switched, 3)
         stack.rollout_in_progress = None
         self.state.save(stack)
@@ -270,21 +316,42 @@ class Deployer:
             registry.set_champion(self.serve.model_name, version, reason="detops deploy rollout")
         return rollout
 
-    def _switch(self, stack: Stack, colour: str) -> None:
+    def _switch(self, stack: Stack, colour: str, *, watch: int | None) -> None:
         """Make `colour` live (one flag file nginx reads per request) and wait until the front door
-        answers with its version; the colour that was live stays warm for `deploy.keep_previous_s`,
-        then a detached retire process drains and stops it."""
+        answers with its version; the colour that was live stays warm for `deploy.keep_previous_s`.
+        `watch`: the rollout whose new version is then judged on its live traffic (`guard`); None for a
+        switch back (a rollback is not itself rolled back)."""
         old = stack.live
+        log = self.prefix / nginx.ACCESS_LOG
+        before = traffic(recent_access_log(log), stack.colours[old].port, ("live",)) if old else None
+        offset = access_log_offset(log)
         stack.previous_version = stack.live_version
         stack.live, stack.live_since = colour, now()
-        _cancel_retire(stack.colours[colour])
+        stack.colours[colour].retire_at = None
         self._route(stack)
         self._wait_front_door(stack.colours[colour].version)
+        stack.after_switch = None
         if old and old in stack.colours:
             retire_at = datetime.now(timezone.utc) + timedelta(seconds=self.cfg.keep_previous_s)
             stack.colours[old].retire_at = retire_at.replace(microsecond=0).isoformat()
-            stack.colours[old].retire = self._schedule_retire(old, self.cfg.keep_previous_s)
+            if watch is not None:
+                stack.after_switch = {"rollout": watch, "log_offset": offset, "before": before}
         self.state.save(stack)
+
+    def _retire(self, stack: Stack, colour: str) -> None:
+        """Drain and stop a warm previous colour whose time is up; the live version is no longer watched."""
+        process = stack.colours.pop(colour)
+        stack.after_switch = None
+        colours.stop(process, drain_s=self.cfg.drain_s)
+        self.state.save(stack)
+        registry.tag_version(self.serve.model_name, process.version, {"retired_at": now()})
+
+    def _record_rollback(self, bad: str | None, target: str, reason: str) -> None:
+        """The registry says what happened: `bad` tagged rolled back with why, `@champion` on `target`."""
+        if bad is not None:
+            registry.tag_version(self.serve.model_name, bad, {"deploy.verdict": "rolled_back",
+                                                               "deploy.reason": reason[:250]})
+        registry.move_champion_back(self.serve.model_name, target, reason=f"rollback: {reason}"[:250])
 
     def _route(self, stack: Stack, *, shadow: bool = False, canary: bool = False) -> None:
         """Route clients to the live colour (a flag file nginx reads per request: no reload), mirroring
@@ -332,8 +399,9 @@ class Deployer:
     def _smoke(self, colour: str, version: str) -> dict[str, Any]:
         dest = Path(tempfile.mkdtemp(prefix="detops-smoke-"))
         reference = registry.download_smoke_reference(self.serve.model_name, version, dest)
-        return smoke(colours.url_of(self.cfg, colour), reference, iou=self.cfg.smoke_iou,
-                     conf_tolerance=self.cfg.smoke_conf_tolerance)
+        with _smoke_key() as key:
+            return smoke(colours.url_of(self.cfg, colour), reference, iou=self.cfg.smoke_iou,
+                         conf_tolerance=self.cfg.smoke_conf_tolerance, api_key=key)
 
     def _wait_front_door(self, version: str, timeout_s: float = 30.0) -> None:
         """Until the front door answers with `version` (nginx's new workers have taken over)."""
@@ -346,13 +414,6 @@ class Deployer:
                 pass
             time.sleep(0.02)
         raise DetopsError(f"the front door {self.front_door} did not answer with v{version} within {timeout_s:.0f} s")
-
-    def _schedule_retire(self, colour: str, after_s: float) -> processes.Handle:
-        """A detached `detops deploy retire` that stops the warm colour once its time is up (it outlives
-        this command; it does nothing if the colour became live again meanwhile)."""
-        argv = [sys.executable, "-m", "pipelines.cli", "deploy", "retire", colour, "--after", str(after_s)]
-        log = Path(self.cfg.state_dir) / "logs" / "retire.log"
-        return processes.handle(processes.spawn(argv, log=log, cwd=Path.cwd()).pid)
 
     def _reconcile(self) -> Stack:
         """Compare the recorded stack with what runs and repair it: an unfinished rollout is marked
@@ -378,9 +439,7 @@ class Deployer:
                 del stack.colours[colour]
                 self.notes.append(f"the idle colour {colour} (v{process.version}) was gone: forgotten")
             elif process.retire_at and datetime.fromisoformat(process.retire_at) <= datetime.now(timezone.utc):
-                colours.stop(process, drain_s=self.cfg.drain_s)
-                del stack.colours[colour]
-                registry.tag_version(self.serve.model_name, process.version, {"retired_at": now()})
+                self._retire(stack, colour)
         if stack.live is not None and stack.live not in stack.colours:
             stack.live = None  # cannot happen after the restart above, unless the state file was edited
         if stack.live is not None and not (stack.nginx_pid and processes.alive(stack.nginx_pid)):
@@ -419,19 +478,40 @@ class Deployer:
         return self.serve.max_upload_bytes * self.serve.max_batch_images + 1024 * 1024
 
 
-def _cancel_retire(process: ColourProcess) -> None:
-    """The colour stays: its pending retire process, if any, is stopped."""
-    if process.retire is not None and processes.same_process(process.retire):
-        processes.stop(process.retire[0], timeout_s=5)
-    process.retire_at = process.retire = None
+@contextmanager
+def _smoke_key() -> Iterator[str | None]:
+    """The deployment's own key for one smoke check: minted in the keys database for tenant
+    `detops.deploy` with scope `detect`, revoked when the check ends (with any a killed command left
+    behind), never printed. None when the colours run with authentication off."""
+    from serving.gateway.keys import open_key_store
+    from serving.settings import load_gateway_config
+
+    if not load_gateway_config().auth:
+        yield None
+        return
+    keys = open_key_store()
+    try:
+        for stale in keys.list(SMOKE_TENANT):
+            if stale.revoked_at is None:
+                keys.revoke(stale.key_id)
+        record, key = keys.create(SMOKE_TENANT, SMOKE_SCOPES, "detops deploy smoke check")
+        try:
+            yield key
+        finally:
+            keys.revoke(record.key_id)
+    finally:
+        keys.store.close()
+
+
+def _failure(c: Check) -> str:
+    value = "-" if c.value is None else f"{c.value:.4g}"
+    return f"{c.name} check failed ({value} {c.comparison} {c.threshold:g} expected): {c.note}"
 
 
 def _raise_on_failure(checks: list[Check]) -> None:
     failed = [c for c in checks if not c.passed]
     if failed:
-        c = failed[0]
-        value = "-" if c.value is None else f"{c.value:.4g}"
-        raise VerificationFailed(f"{c.name} check failed ({value} {c.comparison} {c.threshold:g} expected): {c.note}")
+        raise VerificationFailed(_failure(failed[0]))
 
 
 def gates_or_empty(figures: dict[str, Any], cfg: DeployConfig) -> list[Check]:

@@ -45,8 +45,7 @@ class ColourProcess:
     port: int
     pid: int
     started_at: str
-    retire_at: str | None = None  # when a warm previous colour is drained and stopped ...
-    retire: tuple[int, float] | None = None  # ... by this detached process (PID, start time)
+    retire_at: str | None = None  # when a warm previous colour is drained and stopped
     workers: list[tuple[int, float]] = field(default_factory=list)  # BentoML's workers: their own sessions
 
 
@@ -61,6 +60,10 @@ class Stack:
     colours: dict[str, ColourProcess] = field(default_factory=dict)
     job_workers: list[tuple[int, float]] = field(default_factory=list)  # `detops worker` pools (PID, start time)
     rollout_in_progress: int | None = None  # a rollout id whose command has not finished (or died)
+    # After a rollout's switch, while the previous colour is warm: the live version is judged on the
+    # requests logged since then. {"rollout": id, "log_offset": access-log offset at the switch,
+    # "before": the previous version's live traffic figures just before it}; None: nothing watched.
+    after_switch: dict[str, Any] | None = None
 
     @property
     def live_version(self) -> str | None:
@@ -69,8 +72,9 @@ class Stack:
     @classmethod
     def from_json(cls, text: str) -> Stack:
         data = json.loads(text)
-        colours = {k: ColourProcess(**{**v, "workers": [tuple(w) for w in v.get("workers", [])],
-                                       "retire": tuple(v["retire"]) if v.get("retire") else None})
+        for v in data.get("colours", {}).values():
+            v.pop("retire", None)  # the detached retire process of earlier releases: the watcher retires now
+        colours = {k: ColourProcess(**{**v, "workers": [tuple(w) for w in v.get("workers", [])]})
                    for k, v in data.pop("colours", {}).items()}
         job_workers = [tuple(w) for w in data.pop("job_workers", [])]
         return cls(**data, colours=colours, job_workers=job_workers)

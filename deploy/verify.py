@@ -44,9 +44,10 @@ class Check:
     note: str = ""
 
 
-def smoke(url: str, smoke_dir: Path, *, iou: float, conf_tolerance: float) -> dict[str, Any]:
+def smoke(url: str, smoke_dir: Path, *, iou: float, conf_tolerance: float, api_key: str | None = None) -> dict[str, Any]:
     """Send every image of the evaluation sample in `smoke_dir` to `url`/detect with the recorded
-    thresholds; returns figures with `mismatches` (one line per image that differs, empty when all match)."""
+    thresholds, with `api_key` (default DETOPS_API_KEY's); returns figures with `mismatches` (one line
+    per image that differs, empty when all match)."""
     import httpx
 
     reference = json.loads((smoke_dir / "smoke.json").read_text())
@@ -57,7 +58,7 @@ def smoke(url: str, smoke_dir: Path, *, iou: float, conf_tolerance: float) -> di
             path = smoke_dir / image["file"]
             response = client.post(f"{url}/detect", files={"image": (path.name, path.read_bytes())},
                                    data={k: str(v) for k, v in thresholds.items()},
-                                   headers={"X-Detops-Traffic": "smoke", **auth_headers()})  # kept out of drift and push
+                                   headers={"X-Detops-Traffic": "smoke", **auth_headers(api_key)})  # kept out of drift and push
             if response.status_code != 200:
                 mismatches.append(f"{path.name}: HTTP {response.status_code} {response.text[:200]}")
                 continue
@@ -104,6 +105,15 @@ def read_access_log(log: Path, offset: int) -> list[dict[str, Any]]:
         handle.seek(offset)
         lines = handle.read().decode("utf-8", errors="replace").splitlines()
     return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def recent_access_log(log: Path, max_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+    """The JSON lines of the last `max_bytes` of nginx's access log (the first, partial line skipped)."""
+    if not log.is_file():
+        return []
+    start = max(log.stat().st_size - max_bytes, 0)
+    entries = read_access_log(log, start)
+    return entries[1:] if start and entries else entries
 
 
 def model_requests(entries: list[dict[str, Any]], kind: str) -> int:
@@ -199,6 +209,22 @@ def gates(figures: dict[str, Any], cfg: DeployConfig) -> list[Check]:
     return checks
 
 
+def after_switch_gates(live: dict[str, Any], before: dict[str, Any], cfg: DeployConfig) -> list[Check]:
+    """The verdict on the live version after a switch: its requests since then (`live`, from `traffic`)
+    against the previous version's just before it (`before`), with the shadow window's gates. The error
+    rate is judged from the first request on; p95 once both sides have `deploy.gates.min_requests`."""
+    g = cfg.gates
+    checks = [Check("after_switch_error_rate", live["error_rate"] <= g.max_error_rate, live["error_rate"],
+                    g.max_error_rate, "<=", f"{live['errors']} of {live['requests']} requests since the switch")]
+    if min(live["requests"], before["requests"]) < g.min_requests or not (live["p95_ms"] and before["p95_ms"]):
+        note = (f"{live['requests']} requests since the switch, {before['requests']} before it "
+                f"(< {g.min_requests} on a side): latency not judged yet")
+        return [*checks, Check("after_switch_traffic", True, live["requests"], g.min_requests, ">=", note)]
+    ratio = live["p95_ms"] / before["p95_ms"]
+    return [*checks, Check("after_switch_p95_ratio", ratio <= g.max_p95_ratio, ratio, g.max_p95_ratio, "<=",
+                           f"p95 {live['p95_ms']:.1f} ms vs {before['p95_ms']:.1f} ms before the switch")]
+
+
 def write_report(folder: Path, rollout: Any, checks: list[Check]) -> Path:
     """`rollout-<id>.json` (everything) and `rollout-<id>.md` (readable) under `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -213,6 +239,11 @@ def write_report(folder: Path, rollout: Any, checks: list[Check]) -> Path:
         value = "-" if c.value is None else f"{c.value:.4g}"
         lines.append(f"| {c.name} | {value} | {c.comparison} {c.threshold:g} | {'pass' if c.passed else 'FAIL'} | "
                      f"{c.note} |")
+    after = rollout.figures.get("after_switch")
+    if after:
+        lines += ["", "## After the switch", "",
+                  f"{after['requests']} requests on v{rollout.version}, {after['errors']} failed; "
+                  f"{rollout.reason or 'no gate broke'}."]
     for kind in ("shadow", "canary"):
         window = rollout.figures.get(kind)
         if window:

@@ -10,6 +10,11 @@ What the watcher does when `@champion` changes: a new version is rolled out (dep
 version whose colour is still warm (the one live before: `@champion` moved back) is switched to at
 once; a version the deployment refused before is left alone (roll it out by hand after fixing it). A
 refused rollout moves `@champion` back to the live version, so the two never disagree for long.
+
+After a switch, while the previous colour is warm, the watcher also judges the new live version every
+`deploy.watch.live_check_s` on its live traffic (`Deployer.guard`: error rate, p95 against the previous
+version's) and switches back by itself when a gate breaks; when the keep-warm time is over, it retires
+the previous colour.
 """
 
 from __future__ import annotations
@@ -96,16 +101,28 @@ class Watcher:
             self.start_receiver()
             self.register_webhook()
         trigger = "watcher"
+        next_check = 0.0
         try:
             while True:
+                watching = False
                 try:
-                    self.say(self.check(trigger))
+                    # After a switch, the live version is judged every live_check_s (it is switched
+                    # back when it breaks); @champion is compared every poll interval or webhook.
+                    outcome, text = self.deployer.guard()
+                    watching = outcome == "watching"
+                    if outcome in ("rolled_back", "retired"):
+                        self.say(text)
+                    if once or trigger == "webhook" or time.monotonic() >= next_check:
+                        self.say(self.check(trigger))
+                        next_check = time.monotonic() + self.cfg.poll_interval_s
                 except DetopsError as exc:
                     self.say(f"error: {exc}")
                 if once:
                     return
+                until_check = max(next_check - time.monotonic(), 0.0)
+                wait = min(self.cfg.live_check_s, until_check) if watching else until_check
                 # A delivery during the check leaves the event set: the next check follows at once.
-                trigger = "webhook" if self.wake.wait(self.cfg.poll_interval_s) else "watcher"
+                trigger = "webhook" if self.wake.wait(wait) else "watcher"
                 self.wake.clear()
         finally:
             self.stop_receiver()

@@ -16,14 +16,9 @@ keys = typer.Typer(help="API keys: create (printed once), list, revoke.", no_arg
 
 
 def _key_store():  # noqa: ANN202 (imports kept inside: `detops --help` stays fast)
-    from serving.gateway.keys import KeyStore, pepper
-    from serving.jobs.settings import load_jobs_settings
-    from serving.jobs.store import JobStore
+    from serving.gateway.keys import open_key_store
 
-    settings = load_jobs_settings()
-    store = JobStore(settings.database_url, connect_timeout_s=settings.config.db_connect_timeout_s)
-    store.create_schema()
-    return KeyStore(store, pepper())
+    return open_key_store()
 
 
 @keys.command("create")

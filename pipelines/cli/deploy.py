@@ -40,14 +40,21 @@ def up() -> None:
 
 @deploy_app.command()
 @user_errors
-def rollout(version: Annotated[str, typer.Argument(help="registry version to roll out")]) -> None:
-    """Roll VERSION out: start the idle colour, verify it (smoke, shadow/canary), switch; exit 4 when refused."""
+def rollout(version: Annotated[str, typer.Argument(help="registry version to roll out")],
+            detach: Annotated[bool, typer.Option("--detach", help="return right after the switch; a running "
+                                                 "`detops deploy watch` judges the new version")] = False) -> None:
+    """Roll VERSION out: start the idle colour, verify it (smoke, shadow/canary), switch, then stay while the
+    previous colour is warm and switch back by itself if the new version breaks; exit 4 when refused or
+    rolled back."""
     deployer = _deployer()
     result = deployer.rollout(version)
     _print_notes(deployer)
     typer.echo(f"v{result.version} is live on {result.colour} (rollout {result.id}, switch "
                f"{result.figures.get('switch_s')} s); v{result.from_version} stays warm for "
                f"{deployer.cfg.keep_previous_s:g} s; report {deployer.cfg.reports}/rollout-{result.id}.md")
+    if not detach:
+        typer.echo(f"watching v{result.version} while v{result.from_version} is warm (--detach to return at once)")
+        typer.echo(deployer.watch_after_switch(result.id))
 
 
 @deploy_app.command()
@@ -158,15 +165,3 @@ def smoke(url: Annotated[str, typer.Option(help="base URL of the service to chec
                                  f"v{version}'s evaluation; first: {figures['mismatches'][0]}")
     typer.echo(f"smoke passed: {url} serves v{version}; {figures['images']} images, {figures['detections']} "
                "detections as evaluated")
-
-
-@deploy_app.command(hidden=True)
-@user_errors
-def retire(colour: Annotated[str, typer.Argument(help="blue or green")],
-           after: Annotated[float, typer.Option(help="seconds to wait first")] = 0.0) -> None:
-    """Stop a warm previous colour once its keep-warm time is up (started detached by a switch)."""
-    import time
-
-    time.sleep(after)
-    if _deployer().retire(colour):
-        typer.echo(f"{colour} retired")

@@ -40,6 +40,9 @@ class WatchConfig(Section):
     """`detops deploy watch`: follow `serve.model_name@champion`."""
 
     poll_interval_s: float = Field(10.0, gt=0)  # registry polling, the backstop of the webhooks
+    # While the previous colour is warm after a switch, the live version's traffic is judged this often
+    # (deploy.gates): a version that breaks is switched back within about this long.
+    live_check_s: float = Field(1.0, gt=0)
     webhook_host: str = "127.0.0.1"  # where the watcher receives MLflow's registry webhooks
     webhook_port: int = Field(8788, ge=1, le=65535)
     webhook_url: str | None = None  # the URL MLflow calls (default http://<webhook_host>:<webhook_port>/mlflow)

@@ -152,6 +152,17 @@ class KeyStore:
         return _record(row) if row else None
 
 
+def open_key_store() -> KeyStore:
+    """The keys of the configured jobs database (DETOPS_DATABASE_URL, else jobs.data_dir's SQLite file)
+    with the environment's pepper: what `detops keys` and the deployment's own smoke-check key use."""
+    from serving.jobs.settings import load_jobs_settings
+
+    settings = load_jobs_settings()
+    store = JobStore(settings.database_url, connect_timeout_s=settings.config.db_connect_timeout_s)
+    store.create_schema()
+    return KeyStore(store, pepper())
+
+
 class KeyCache:
     """`KeyStore.lookup` with a short TTL per key hash (see the module docstring); thread-safe."""
 
