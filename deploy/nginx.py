@@ -11,8 +11,10 @@ reset, which is why the switch does not reload (measured: 1 failed request in 70
 three keep-alive clients).
 
 nginx sets `X-Detops-Traffic` (live, shadow, canary) on every proxied request, overwriting whatever a
-client sent, so the colours can mark their prediction logs; its JSON access log records, per request,
-the colour that answered, the status and the upstream time, which the verification reads.
+client sent, so the colours can mark their prediction logs, and `X-Forwarded-For` to the client's own
+address (likewise replaced), which the colours judge instead of the TCP peer (nginx itself); its JSON
+access log records, per request, the colour that answered, the status and the upstream time, which
+the verification reads.
 """
 
 from __future__ import annotations
@@ -113,9 +115,12 @@ http {{
 """
 
 
+# X-Forwarded-For is replaced by the address nginx accepted, never appended to: the one front door is
+# the only hop the colours trust (serving/gateway/network.py), so a client-sent value must not survive.
 _PROXY = """            proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $host;
+            proxy_set_header X-Forwarded-For $remote_addr;
 """
 
 

@@ -27,6 +27,9 @@ BAD_INPUT = Counter("detops_bad_input", "Requests refused for bad input (4xx), b
 INFERENCE_ERRORS = Counter(
     "detops_inference_errors",
     "Requests answered 5xx (overloaded, inference_failed, internal_error), by reason", ["reason"])
+RATE_LIMITS_FAIL_OPEN = Counter(
+    "detops_rate_limits_fail_open",
+    "Rate-limit or quota checks let through unenforced because the limits storage could not be reached")
 INFERENCE_BATCH_SIZE = Histogram(
     "detops_inference_batch_size",
     "Images per ONNX Runtime call of the in-process batcher (one observation per batch)",

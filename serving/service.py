@@ -17,10 +17,11 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import bentoml
 import numpy as np
@@ -31,6 +32,7 @@ from pipelines import environment
 
 environment.configure()
 
+from pipelines.errors import DetopsError  # noqa: E402
 from pipelines.types import Detection  # noqa: E402
 from serving import metrics  # noqa: E402
 from serving.batching import InferenceBatcher, InferenceFailed, Overloaded  # noqa: E402
@@ -54,8 +56,6 @@ GATEWAY = build_state(GATEWAY_CFG)  # keys, limits, circuit breaker, dependency 
 logs.configure()
 MODEL = bentoml.models.BentoModel(f"{CFG.model_name}:{CFG.store_version}")  # a class attribute: packed in the bento
 log = logging.getLogger(__name__)
-# While the file this names exists, every inference raises (the circuit breaker's tests; unset in production).
-FAULT_FILE = os.environ.get("DETOPS_FAULT_INFERENCE_FILE", "")
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,10 @@ class Detector:
     def __init__(self) -> None:
         from monitoring.logger import PredictionLogger
 
-        GATEWAY.check()  # auth on without DETOPS_KEY_PEPPER: the worker refuses to start, saying why
+        try:  # auth on without DETOPS_KEY_PEPPER, or off on a network address
+            GATEWAY.check()
+        except DetopsError as exc:
+            _refuse_start(exc)
 
         self.runtime = ModelRuntime.load(Path(self.model.path), threads=ort_threads(CFG))
         self.model_info = served_model()
@@ -252,8 +255,6 @@ class Detector:
 
     def _infer_letterboxed(self, batch: np.ndarray) -> np.ndarray:
         """Letterboxed RGB uint8 (N, S, S, 3) -> raw model output; runs in the batcher's worker thread."""
-        if FAULT_FILE and os.path.exists(FAULT_FILE):  # fault injection for the degradation tests only
-            raise RuntimeError(f"inference fault injected ({FAULT_FILE} exists)")
         return self.runtime.infer(self.runtime.to_input(batch))
 
     @staticmethod
@@ -285,6 +286,15 @@ class Detector:
     def _rejected(exc: RequestRejected) -> JSONResponse:
         (metrics.INFERENCE_ERRORS if exc.status >= 500 else metrics.BAD_INPUT).labels(reason=exc.code).inc()
         return error_response(exc.code, exc.detail, exc.status, retry_after=exc.retry_after)
+
+
+def _refuse_start(problem: DetopsError) -> NoReturn:
+    """A setting forbids serving: say why in one line and stop the whole `bentoml serve`, not only this
+    worker, which BentoML would otherwise restart forever behind a server that never becomes ready."""
+    log.critical("refusing to start: %s", problem)
+    if bentoml.server_context.worker_index is not None:  # a worker of `bentoml serve`: its parent is the server
+        os.kill(os.getppid(), signal.SIGTERM)
+    raise SystemExit(2)
 
 
 @functools.cache

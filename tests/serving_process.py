@@ -80,13 +80,14 @@ def import_model(model_dir: Path, env: Mapping[str, str]) -> str:
 
 @contextmanager
 def detector_service(model_dir: Path, workdir: Path, *, overrides: Mapping[str, str] | None = None,
-                     timeout_s: float = 180.0) -> Iterator[Server]:
+                     timeout_s: float = 180.0, service: str = "serving.service:Detector") -> Iterator[Server]:
     """The BentoML Detector serving `model_dir` on a free loopback port until the block ends; ready
-    once /readyz answers (the service runs one real inference before it says so)."""
+    once /readyz answers (the service runs one real inference before it says so). `service` is what
+    `bentoml serve` imports: the product's, or a test-side module serving it (tests/failing_service.py)."""
     env = service_env(workdir, overrides)
     import_model(model_dir, env)
     port = free_port()
-    argv = [sys.executable, "-m", "bentoml", "serve", "serving.service:Detector", "--host", HOST, "--port", str(port)]
+    argv = [sys.executable, "-m", "bentoml", "serve", service, "--host", HOST, "--port", str(port)]
     with running(argv, url=f"http://{HOST}:{port}", ready_path="/readyz", env=env, cwd=ROOT,
                  log=workdir / "serve.log", timeout_s=timeout_s) as server:
         yield server

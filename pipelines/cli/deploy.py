@@ -17,10 +17,18 @@ deploy_app = typer.Typer(help="Blue/green deployment behind nginx: up, rollout, 
                          no_args_is_help=True)
 
 
-def _deployer():  # noqa: ANN202 (the type lives in a module imported lazily)
+def _deployer(serves: bool = True):  # noqa: ANN202 (the type lives in a module imported lazily)
+    """The deployment; for a command that `serves` (starts or switches colours behind the front door),
+    a one-line refusal first when authentication is off and the front door listens on a network address."""
     from deploy.rollout import Deployer
 
-    return Deployer(load_section(DeployConfig), load_section(ServeConfig))
+    cfg = load_section(DeployConfig)
+    if serves:
+        from serving.gateway.network import refuse_auth_off_exposed
+        from serving.settings import load_gateway_config
+
+        refuse_auth_off_exposed(load_gateway_config(), [cfg.host], "the front door (deploy.host)")
+    return Deployer(cfg, load_section(ServeConfig))
 
 
 def _print_notes(deployer) -> None:  # noqa: ANN001
@@ -73,7 +81,7 @@ def rollback(reason: Annotated[str, typer.Option(help="why, recorded with the ro
 def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readable")] = False,
            last: Annotated[int, typer.Option(help="rollouts to list")] = 10) -> None:
     """The live colour and version since when, the previous one and whether it is warm, the last rollouts."""
-    report = _deployer().status(last)
+    report = _deployer(serves=False).status(last)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -105,7 +113,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="machine-readabl
 @user_errors
 def down() -> None:
     """Stop the front door and both colours (by PID), letting in-flight requests finish."""
-    _deployer().down()
+    _deployer(serves=False).down()
     typer.echo("stopped: front door and colours")
 
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+import ipaddress
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pipelines.config.base import Section
 
@@ -31,6 +33,10 @@ class GatewayConfig(Section):
     # Off only for local experiments: the service refuses to start without auth on a non-loopback address.
     auth: bool = True
     key_cache_ttl_s: float = Field(2.0, gt=0, le=60)  # a revoked key stops working within this on every worker
+    # While the key database is down, a cached key keeps working this long past its TTL, then gets 503.
+    key_outage_grace_s: float = Field(30.0, ge=0, le=60)
+    # TCP peers whose X-Forwarded-For names the client (the deployment's own nginx, on loopback).
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.0/8", "::1/128"])
     requests_per_s: int = Field(50, ge=1)  # per key
     images_per_s: int = Field(200, ge=1)  # per key
     images_per_day: int = Field(1_000_000, ge=1)  # per tenant (UTC day)
@@ -44,6 +50,16 @@ class GatewayConfig(Section):
     dependency_failures: int = Field(2, ge=1)  # consecutive failed probes before a dependency shows as down
     max_concurrent_uploads: int = Field(32, ge=1)  # per worker; more answers 503 at once
     body_timeout_s: float = Field(30.0, gt=0)  # longest wait for the next chunk of a request body
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for net in value:
+            try:
+                ipaddress.ip_network(net, strict=False)
+            except ValueError:
+                raise ValueError(f"{net!r} is not an IP address or network (e.g. 127.0.0.1/32)") from None
+        return value
 
     def policy(self, tenant: str) -> TenantPolicy:
         """The tenant's quotas with the section's defaults filled in."""

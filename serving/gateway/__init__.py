@@ -52,7 +52,7 @@ def build_state(cfg: GatewayConfig) -> GatewayState:
 
     monitor = DependencyMonitor({"job_store": probe_store, "broker": tcp_probe(settings.broker_url, timeout)},
                                 interval_s=cfg.dependency_check_s, failures_to_down=cfg.dependency_failures)
-    keys = (lambda: KeyCache(KeyStore(store, pepper()), cfg.key_cache_ttl_s)) if cfg.auth else None
+    keys = (lambda: KeyCache(KeyStore(store, pepper()), cfg.key_cache_ttl_s, cfg.key_outage_grace_s)) if cfg.auth else None
     global _current
     _current = GatewayState(cfg, keys=keys, limits=Limits(cfg), monitor=monitor)
     return _current

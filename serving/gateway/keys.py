@@ -8,8 +8,10 @@ without the pepper (DETOPS_KEY_PEPPER, environment only) not even an offline gue
 
 `KeyCache` is what the service asks: a lookup is cached for `gateway.key_cache_ttl_s` (default 2 s),
 so a revocation reaches every worker of every colour within that time, whatever process revoked it.
-When the database cannot be reached, a key seen before keeps working on its cached answer (so
-/detect survives a down job store); an unseen key then gets 503, never a guess.
+When the database cannot be reached, a key seen before keeps working on its cached answer for
+`gateway.key_outage_grace_s` (default 30 s, at most 60) past that answer's TTL, so /detect survives a
+short job-store outage; after that, and for an unseen key at once, the answer is 503, never a guess.
+So a key revoked just before an outage works for at most TTL + grace, not for the whole outage.
 """
 
 from __future__ import annotations
@@ -166,15 +168,16 @@ def open_key_store() -> KeyStore:
 class KeyCache:
     """`KeyStore.lookup` with a short TTL per key hash (see the module docstring); thread-safe."""
 
-    def __init__(self, keys: KeyStore, ttl_s: float) -> None:
+    def __init__(self, keys: KeyStore, ttl_s: float, grace_s: float) -> None:
         self.keys = keys
         self.ttl_s = ttl_s
+        self.grace_s = grace_s
         self._entries: dict[str, tuple[ApiKey | None, float]] = {}
         self._lock = threading.Lock()
 
     def lookup(self, key: str) -> ApiKey | None:
-        """The key's record (None: unknown or revoked). Raises StoreUnavailable only for a key not seen
-        before while the database is down."""
+        """The key's record (None: unknown or revoked). Raises StoreUnavailable while the database is
+        down for a key not seen before, or seen longer ago than its TTL plus the outage grace."""
         digest = hash_key(key, self.keys.pepper)
         now = time.monotonic()
         with self._lock:
@@ -184,8 +187,8 @@ class KeyCache:
         try:
             found = self.keys.lookup(key)
         except StoreUnavailable:
-            if cached is not None and cached[0] is not None:
-                return cached[0]  # the database is down: a known key keeps its last answer
+            if cached is not None and cached[0] is not None and now < cached[1] + self.grace_s:
+                return cached[0]  # the database is down: a known key keeps its last answer, for a while
             raise
         with self._lock:
             if len(self._entries) > 100_000:  # bounded: unknown keys from a scanner cannot grow it forever

@@ -4,8 +4,10 @@ Storage from DETOPS_LIMITS_STORAGE_URL: `memory://` by default (per worker proce
 embedded worker, not shared), `redis://host:6379/N` in production, which every worker of both colours
 shares, so a key's limit holds across the whole deployment. Fixed windows: requests and images per
 second per key (each tenant may have its own rates), images per UTC day per tenant. Over a limit: `RequestRejected` 429 with the seconds
-until the window resets (Retry-After). When the storage cannot be reached the limits fail open (a
-warning in the log): a down Redis must not take /detect down with it.
+until the window resets (Retry-After). When the storage cannot be reached the limits fail open: a
+down Redis must not take /detect down with it. That is never silent: each request let through
+unlimited counts in `detops_rate_limits_fail_open_total` (/metrics), the first one of an outage is a
+warning in the log, and /readyz's `rate_limits` says `enforced: false` until a limit is counted again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from limits.storage import storage_from_string
 from limits.strategies import FixedWindowRateLimiter
 
 from pipelines.config.gateway import GatewayConfig
+from serving import metrics
 from serving.imaging import RequestRejected
 
 STORAGE_ENV = "DETOPS_LIMITS_STORAGE_URL"
@@ -35,18 +38,34 @@ class Limits:
         self.cfg = cfg
         self.storage_url = url.split("@")[-1]  # never log a password
         self.limiter = FixedWindowRateLimiter(storage_from_string(url))
+        self.failing_since: float | None = None  # wall time of the first failure of the current outage
+        self.failure = ""
+
+    def report(self) -> dict[str, object]:
+        """/readyz's `rate_limits`: whether they are enforced (False while their storage is failing)."""
+        body: dict[str, object] = {"enforced": self.failing_since is None, "storage": self.storage_url}
+        if self.failing_since is not None:
+            body.update(failing_open_since=round(self.failing_since, 3), detail=self.failure)
+        return body
 
     def _hit(self, item: object, ident: str, cost: int, code: str, what: str) -> None:
         try:
-            if self.limiter.hit(item, ident, cost=cost):  # type: ignore[arg-type]
-                return
-            reset = self.limiter.get_window_stats(item, ident).reset_time  # type: ignore[arg-type]
-        except Exception as exc:  # the storage is down: fail open, say so
-            log.warning("rate-limit storage %s unavailable (%s): %s not enforced", self.storage_url,
-                        type(exc).__name__, what)
+            allowed = self.limiter.hit(item, ident, cost=cost)  # type: ignore[arg-type]
+            reset = 0.0 if allowed else self.limiter.get_window_stats(item, ident).reset_time  # type: ignore[arg-type]
+        except Exception as exc:  # the storage is down: fail open, counted and reported
+            metrics.RATE_LIMITS_FAIL_OPEN.inc()
+            self.failure = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"[:300]
+            if self.failing_since is None:
+                self.failing_since = time.time()
+                log.warning("rate-limit storage %s unavailable (%s): limits fail open until it answers again "
+                            "(first one not enforced: %s)", self.storage_url, self.failure, what)
             return
-        retry = max(1, math.ceil(reset - time.time()))
-        raise RequestRejected(code, f"{what}; retry after {retry} s", 429, retry_after=retry)
+        if self.failing_since is not None:
+            log.info("rate-limit storage %s answers again: limits enforced", self.storage_url)
+            self.failing_since = None
+        if not allowed:
+            retry = max(1, math.ceil(reset - time.time()))
+            raise RequestRejected(code, f"{what}; retry after {retry} s", 429, retry_after=retry)
 
     def request(self, key_id: str, tenant: str) -> None:
         """Count one request of `key_id` (429 over the tenant's gateway.requests_per_s)."""

@@ -13,14 +13,18 @@ In order, for each HTTP request:
    503 + Retry-After at once), and a body whose next chunk takes over `gateway.body_timeout_s` is cut.
 
 Authentication off (`gateway.auth: false`, e.g. DETOPS_GATEWAY_AUTH=false) is for local experiments
-only: every request then runs as tenant `local`, and a request that arrives on a non-loopback address
+only: every request then runs as tenant `local`; a worker listening on a network address refuses to
+start, and a request that arrives on a non-loopback address, or whose original client (the TCP peer,
+or behind the deployment's nginx its `X-Forwarded-For`: serving/gateway/network.py) is not loopback,
 is refused (503 `auth_disabled`): such a service cannot be used from the network.
+
+`/readyz` also names the rate limits failing open (their storage unreachable: `rate_limits`), which
+`/metrics` counts (`detops_rate_limits_fail_open_total`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import re
@@ -30,7 +34,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipelines.config.gateway import GatewayConfig
-from serving.gateway import context
+from serving.gateway import context, network
 from serving.gateway.breaker import OPEN, CircuitBreaker
 from serving.gateway.keys import KeyCache, key_id_of
 from serving.gateway.limits import Limits
@@ -60,14 +64,19 @@ class GatewayState:
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_reset_s)
         self.monitor = monitor
         self.uploads = 0
+        self.trusted_proxies = network.networks(cfg.trusted_proxies)
         self.openapi: Callable[[], dict[str, Any]] | None = None
         self.index: Callable[[], str] | None = None
         self._docs: tuple[bytes, bytes] | None = None
 
     def check(self) -> None:
-        """At a worker's start: with auth on, the keys' pepper must be there (DetopsError otherwise)."""
+        """At a worker's start: with auth on, the keys' pepper must be there; with auth off, the worker
+        must listen on loopback only (DetopsError otherwise)."""
         if self.cfg.auth:
             _ = self.keys
+        else:
+            network.refuse_auth_off_exposed(self.cfg, network.listening_addresses(), "this service")
+
 
     @property
     def keys(self) -> KeyCache:
@@ -113,7 +122,7 @@ class Gateway:
     async def _handle(self, scope: Scope, receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         state, cfg = self.state, self.state.cfg
         path, method = scope["path"], scope["method"]
-        if not cfg.auth and not _loopback(scope):
+        if not cfg.auth and not self._loopback(scope):
             return await _error(send, 503, "auth_disabled", "authentication is off on this instance "
                                 "(gateway.auth: false), which is allowed for loopback clients only")
         if method == "GET" and path in ("/", "/docs.json") and state.openapi is not None:
@@ -146,6 +155,15 @@ class Gateway:
             await self.app(scope, _timed_receive(receive, cfg.body_timeout_s), send)
         finally:
             state.uploads -= 1
+
+    def _loopback(self, scope: Scope) -> bool:
+        """Whether the request arrived on a loopback address from a loopback client (the original
+        client behind the deployment's nginx: serving/gateway/network.py)."""
+        server = scope.get("server")
+        if server and not network.loopback_address(server[0]):
+            return False
+        client = network.client_address(scope, self.state.trusted_proxies)
+        return not client or network.loopback_address(client)
 
     async def _authorize(self, scope: Scope, method: str, path: str) -> None:
         cfg = self.state.cfg
@@ -185,7 +203,8 @@ class Gateway:
         circuit = self.state.breaker.state
         ready = loaded and circuit != OPEN
         deps = self.state.monitor.report() if self.state.monitor is not None else {}
-        body = {"ready": ready, "model_loaded": loaded, "circuit": circuit, "dependencies": deps}
+        body = {"ready": ready, "model_loaded": loaded, "circuit": circuit, "dependencies": deps,
+                "rate_limits": self.state.limits.report()}
         await _send(send, 200 if ready else 503, json.dumps(body).encode(), b"application/json")
 
 
@@ -194,18 +213,6 @@ def _presented_key(scope: Scope) -> str:
     if auth[:7].lower() == "bearer ":
         return auth[7:].strip()
     return _header(scope, b"x-api-key").decode("latin-1").strip()
-
-
-def _loopback(scope: Scope) -> bool:
-    for peer in (scope.get("server"), scope.get("client")):
-        if not peer:
-            continue
-        try:
-            if not ipaddress.ip_address(peer[0]).is_loopback:
-                return False
-        except ValueError:
-            return False
-    return True
 
 
 def _header(scope: Scope, name: bytes) -> bytes:

@@ -1,11 +1,15 @@
 """The gateway's parts without a server: scopes, keys (real SQLite job store), the TTL cache and
 revocation, limits (the `limits` library's memory storage), the circuit breaker, the dependency
-monitor's hysteresis, the OpenAPI document, the JSON log line."""
+monitor's hysteresis, the OpenAPI document, the JSON log line; the access guarantees through the
+real ASGI middleware in process (the outage grace of cached keys, the client address behind the
+front door, rate limits failing open, authentication off on a network address), each also run with
+its mutant from tests/mutants/access.py, which must make it fail."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -20,8 +24,15 @@ from serving.gateway.limits import Limits
 from serving.gateway.readiness import DependencyMonitor
 from serving.imaging import RequestRejected
 from serving.jobs.store import JobStore, StoreUnavailable
+from tests.mutants.access import (
+    auth_off_exposure_unchecked,
+    forwarded_for_from_any_peer,
+    key_cache_without_grace,
+    rate_limits_fail_open_silently,
+)
 
 PEPPER = b"unit-test-pepper-0123456789"
+DOWN_DATABASE = "postgresql+psycopg://nobody@127.0.0.1:1/none"  # nothing listens on port 1: refused at once
 
 
 @pytest.fixture()
@@ -64,7 +75,7 @@ def test_keys_are_stored_hashed_and_revocable(keys: KeyStore, tmp_path: Path) ->
 
 def test_key_cache_ttl_and_database_down(keys: KeyStore, tmp_path: Path) -> None:
     record, key = keys.create("acme", "detect")
-    cache = KeyCache(keys, ttl_s=0.3)
+    cache = KeyCache(keys, ttl_s=0.3, grace_s=30)
     assert cache.lookup(key).key_id == record.key_id
     keys.revoke(record.key_id)
     assert cache.lookup(key) is not None  # within the TTL: the cached answer
@@ -73,7 +84,7 @@ def test_key_cache_ttl_and_database_down(keys: KeyStore, tmp_path: Path) -> None
     _, other = keys.create("acme", "detect")
     assert cache.lookup(other) is not None
     time.sleep(0.35)
-    keys.store = JobStore(f"postgresql+psycopg://nobody@127.0.0.1:1/none", connect_timeout_s=1)  # down
+    keys.store = JobStore(DOWN_DATABASE, connect_timeout_s=1)  # down
     keys._schema_ready = True
     assert cache.lookup(other) is not None  # known key: its last answer while the database is down
     _, never_seen = KeyStore(JobStore(f"sqlite:///{tmp_path / 'jobs.db'}"), PEPPER).create("acme", "detect")
@@ -234,6 +245,8 @@ def _asgi(state, scope_extra: dict, body_chunks: list[bytes] | None = None, dela
     async def send(message: dict) -> None:
         if message["type"] == "http.response.start":
             statuses.append(message["status"])
+        elif message["type"] == "http.response.body":
+            seen["response"] = seen.get("response", b"") + message.get("body", b"")
 
     scope = {"type": "http", "method": "POST", "path": "/detect", "headers": [], "server": ("127.0.0.1", 3000),
              "client": ("127.0.0.1", 5555), **scope_extra}
@@ -252,6 +265,194 @@ def test_auth_off_serves_loopback_only() -> None:
     assert _asgi(_state(), {})[0] == 200
     assert _asgi(_state(), {"server": ("10.1.2.3", 3000)})[0] == 503  # bound to a network address
     assert _asgi(_state(), {"client": ("192.168.0.9", 4000)})[0] == 503  # a client from the network
+
+
+def _forwarded(peer: str, forwarded_for: str | None) -> int:
+    headers = [(b"x-forwarded-for", forwarded_for.encode())] if forwarded_for is not None else []
+    return _asgi(_state(), {"client": (peer, 4000), "headers": headers})[0]
+
+
+def check_forwarded_for_is_believed_from_the_front_door_only() -> None:
+    """Authentication off: the original client behind the loopback nginx is judged, not nginx; a client
+    on the network cannot pass for loopback by sending the header itself."""
+    assert _forwarded("127.0.0.1", None) == 200  # a local client, no front door
+    assert _forwarded("127.0.0.1", "127.0.0.1") == 200  # a local client through the front door
+    assert _forwarded("127.0.0.1", "203.0.113.9") == 503  # a network client through the front door
+    assert _forwarded("127.0.0.1", "203.0.113.9, 127.0.0.1") == 503  # the right-most untrusted hop counts
+    assert _forwarded("::1", "not-an-address") == 503
+    assert _forwarded("203.0.113.9", "127.0.0.1") == 503, "a network peer's X-Forwarded-For was believed"
+    assert _forwarded("10.0.0.7", "127.0.0.1, ::1") == 503, "a network peer's X-Forwarded-For was believed"
+
+
+def test_forwarded_for_is_believed_from_the_front_door_only() -> None:
+    check_forwarded_for_is_believed_from_the_front_door_only()
+
+
+def test_forwarded_for_from_any_peer_is_caught() -> None:
+    with forwarded_for_from_any_peer(), pytest.raises(AssertionError, match="was believed"):
+        check_forwarded_for_is_believed_from_the_front_door_only()
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists(), reason="no nginx")
+def test_the_front_door_replaces_a_client_sent_forwarded_for(tmp_path: Path) -> None:
+    """The real nginx of the deployment (its generated configuration) forwards the address it accepted,
+    replacing whatever the client sent, so a colour sees the client and never a forged chain."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import httpx
+
+    from deploy import nginx
+    from pipelines import processes
+
+    seen: list[str | None] = []
+
+    class Colour(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            seen.append(self.headers.get("X-Forwarded-For"))
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    colour = ThreadingHTTPServer((processes.HOST, 0), Colour)
+    threading.Thread(target=colour.serve_forever, daemon=True).start()
+    port = processes.free_port()
+    nginx.write_config(nginx.render(host=processes.HOST, port=port, blue_port=colour.server_address[1],
+                                    green_port=processes.free_port(), prefix=tmp_path, canary_percent=10,
+                                    max_body_bytes=1 << 20, timeout_s=10), tmp_path)
+    pid = nginx.start(tmp_path, url=f"http://{processes.HOST}:{port}/")
+    try:
+        seen.clear()
+        response = httpx.get(f"http://{processes.HOST}:{port}/x", headers={"X-Forwarded-For": "203.0.113.9"})
+        assert response.status_code == 200
+    finally:
+        processes.stop(pid)
+        colour.shutdown()
+    assert seen == ["127.0.0.1"]  # the address nginx accepted (this test's), not the client's claim
+
+
+def check_cached_key_stops_after_ttl_plus_grace(keys: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A key revoked just before the key database went down keeps working for its TTL plus
+    gateway.key_outage_grace_s, then gets 503 auth_unavailable, through the real middleware; the
+    cache's clock is moved by hand (no waiting)."""
+    from types import SimpleNamespace
+
+    from serving.gateway import keys as keys_module
+    from serving.gateway.middleware import GatewayState
+
+    clock = [1000.0]
+    monkeypatch.setattr(keys_module, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    record, key = keys.create("acme", "detect")
+    cache = KeyCache(keys, ttl_s=2, grace_s=30)
+    state = GatewayState(GatewayConfig(), keys=lambda: cache, limits=Limits(GatewayConfig(), environ={}), monitor=None)
+    auth = {"headers": [(b"authorization", f"Bearer {key}".encode())]}
+
+    def answer(at: float) -> tuple[int, str]:
+        clock[0] = at
+        status, seen = _asgi(state, auth)
+        return status, json.loads(seen["response"]).get("error", "") if status != 200 else ""
+
+    assert answer(1000) == (200, "")  # looked up and cached until 1002
+    keys.revoke(record.key_id)
+    alive = keys.store
+    keys.store = JobStore(DOWN_DATABASE, connect_timeout_s=1)  # the key database goes down
+    assert answer(1001) == (200, "")  # within the TTL
+    assert answer(1031.5) == (200, "")  # past the TTL, within the grace: the last answer
+    assert answer(1032.5) == (503, "auth_unavailable"), "a cached key outlived its TTL plus the grace"
+    assert answer(5000) == (503, "auth_unavailable"), "a cached key outlived its TTL plus the grace"
+    keys.store = alive  # back: the revocation is seen
+    assert answer(5001) == (401, "invalid_key")
+
+
+def test_cached_key_stops_after_ttl_plus_grace(keys: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_cached_key_stops_after_ttl_plus_grace(keys, monkeypatch)
+
+
+def test_key_cache_without_grace_is_caught(keys: KeyStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    with key_cache_without_grace(), pytest.raises(AssertionError, match="outlived"):
+        check_cached_key_stops_after_ttl_plus_grace(keys, monkeypatch)
+
+
+def check_rate_limits_failing_open_are_counted_and_named() -> None:
+    """Limits whose storage is unreachable let requests through, and say so: each one counts in
+    /metrics (detops_rate_limits_fail_open_total), /readyz's rate_limits is `enforced: false`."""
+    from prometheus_client import REGISTRY
+
+    from serving.gateway.middleware import GatewayState
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("detops_rate_limits_fail_open_total") or 0.0
+
+    lim = Limits(GatewayConfig(requests_per_s=1), environ={"DETOPS_LIMITS_STORAGE_URL": "redis://127.0.0.1:1/0"})
+    state = GatewayState(GatewayConfig(auth=False), keys=None, limits=lim, monitor=None)
+    before = counted()
+    lim.request("k", "t")
+    lim.request("k", "t")  # over the limit, but nothing can count it: let through
+    assert counted() - before == 2, "requests let through unlimited were not counted in /metrics"
+    status, seen = _asgi(state, {"method": "GET", "path": "/readyz"})
+    report = json.loads(seen["response"])["rate_limits"] if status == 200 else {}
+    assert report.get("enforced") is False and "redis://127.0.0.1:1/0" == report.get("storage"), report
+    assert "ConnectionError" in report.get("detail", ""), report
+
+
+def test_rate_limits_failing_open_are_counted_and_named() -> None:
+    check_rate_limits_failing_open_are_counted_and_named()
+
+
+def test_rate_limits_failing_open_silently_is_caught() -> None:
+    with rate_limits_fail_open_silently(), pytest.raises(AssertionError, match="not counted"):
+        check_rate_limits_failing_open_are_counted_and_named()
+
+
+def _refusal(call) -> str:  # noqa: ANN001
+    try:
+        call()
+    except DetopsError as exc:
+        return str(exc)
+    raise AssertionError("authentication off on a network address was not refused")
+
+
+def check_auth_off_is_refused_on_a_network_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service worker that listens on a network address refuses to start with authentication off
+    (the real sockets of this process); `detops deploy up` refuses a front door on one (deploy.host),
+    in one line and before it starts anything."""
+    import socket
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipelines.cli.main import app
+    from pipelines.config.base import PARAMS_ENV
+
+    with socket.socket() as exposed:
+        exposed.bind(("0.0.0.0", 0))
+        exposed.listen()
+        message = _refusal(_state().check)
+    assert "listens on 0.0.0.0" in message and "\n" not in message, message
+    _state().check()  # nothing on a network address any more: allowed
+
+    params = yaml.safe_load((Path(__file__).resolve().parents[2] / "params.yaml").read_text())
+    params["deploy"].update(host="0.0.0.0", state_dir=str(tmp_path / "state"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.setenv(PARAMS_ENV, str(tmp_path / "params.yaml"))
+    monkeypatch.setenv("DETOPS_GATEWAY_AUTH", "false")
+    refused = CliRunner().invoke(app, ["deploy", "up"])
+    assert refused.exit_code == 1, refused.output
+    lines = refused.output.strip().splitlines()
+    assert len(lines) == 1 and "deploy.host" in lines[0] and "0.0.0.0" in lines[0], refused.output
+    assert not (tmp_path / "state").exists()  # nothing was started or written
+
+
+def test_auth_off_is_refused_on_a_network_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    check_auth_off_is_refused_on_a_network_address(tmp_path, monkeypatch)
+
+
+def test_auth_off_exposure_unchecked_is_caught(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with auth_off_exposure_unchecked(), pytest.raises(AssertionError, match="not refused"):
+        check_auth_off_is_refused_on_a_network_address(tmp_path, monkeypatch)
 
 
 def test_a_stalled_body_is_cut_and_uploads_are_bounded() -> None:
