@@ -69,11 +69,12 @@ def batch_run(
     conf: Conf = None, iou: Iou = None, max_det: MaxDet = None, classes: Classes = None,
 ) -> None:
     """Detect every image of FOLDER in this process's model runtime, writing one record per file
-    to --out; re-running skips the files already there."""
+    to --out; re-running skips the files already there. Ends with the folder's status as a job's
+    (succeeded, partial: some images failed; exit 1 when none succeeded)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     from pipelines.errors import DetopsError
-    from serving.jobs.batch import ModelSource, coco_path, image_files, run_folder
+    from serving.jobs.batch import ModelSource, coco_path, folder_status, image_files, run_folder
     from serving.jobs.models import live_model, model_folder
     from serving.runtime import available_cores
     from serving.settings import load_jobs_config, load_serve_config
@@ -111,6 +112,10 @@ def batch_run(
 
 @batch.command("submit")
 @user_errors
+    status, succeeded = folder_status(out, files, folder)
+    if status == "failed":
+        raise DetopsError(f"failed: none of the {len(files)} images of {folder} could be processed (see {out})")
+    typer.echo(f"{status}: {succeeded} of {len(files)} images succeeded")
 def batch_submit(
     folder: Folder,
     url: Annotated[str, typer.Option("--url", help="the service, e.g. http://127.0.0.1:3000")],
@@ -120,8 +125,9 @@ def batch_submit(
     timeout: Annotated[float, typer.Option(help="give up waiting after this many seconds")] = 3600.0,
     conf: Conf = None, iou: Iou = None, max_det: MaxDet = None, classes: Classes = None,
 ) -> None:
-    """Submit FOLDER as one job (POST /jobs) and print each image's result as it arrives. Submitting
-    the same folder again finds the same job (its Idempotency-Key is the folder's content)."""
+    """Submit FOLDER as one job (POST /jobs) and print each image's result as it arrives, then the
+    job's status (succeeded, partial: some images failed; exit 1 when failed or cancelled).
+    Submitting the same folder again finds the same job (its Idempotency-Key is the folder's content)."""
     from pipelines.errors import DetopsError
     from serving.jobs.batch import submit_folder
 
@@ -141,5 +147,5 @@ def batch_submit(
     counts = summary["counts"]
     typer.echo(f"job {summary['job_id']} {summary['status']}: {counts['succeeded']} succeeded, {counts['failed']} "
                f"failed of {counts['total']} (model v{summary['model']['version']})")
-    if summary["status"] != "succeeded":
+    if summary["status"] not in ("succeeded", "partial"):  # partial: finished, its failed images printed above
         raise DetopsError(f"job {summary['job_id']} {summary['status']}: {summary.get('error') or json.dumps(counts)}")

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.errors import DetopsError
-from serving.jobs.results import IMAGE_FAILED, coco_results, result_line
+from serving.jobs.results import IMAGE_FAILED, IMAGE_SUCCEEDED, coco_results, result_line
 from serving.runtime import CARD_FILE, ModelCard
 
 SUFFIXES = (".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".mpo")
@@ -61,6 +61,17 @@ def read_done(out: Path) -> dict[str, dict[str, Any]]:
         with out.open("r+b") as f:
             f.truncate(good_bytes)
     return done
+
+
+def folder_status(out: Path, files: Sequence[Path], folder: Path) -> tuple[str, int]:
+    """The status of the folder's records in `out` by a job's rule (`serving.jobs.store.job_status`:
+    succeeded, partial or failed) and how many of its files succeeded."""
+    from serving.jobs.store import Counts, job_status
+
+    done = read_done(out)
+    succeeded = sum(done.get(f.relative_to(folder).as_posix(), {}).get("status") == IMAGE_SUCCEEDED for f in files)
+    total = len(files)
+    return job_status(Counts(total=total, succeeded=succeeded, failed=total - succeeded, dead=0)), succeeded
 
 
 def coco_path(out: Path) -> Path:
@@ -207,6 +218,8 @@ def submit_folder(folder: Path, url: str, options: dict[str, Any], *, out: Path 
     arrives (in path order when they arrive together); returns the final job summary."""
     import httpx
 
+    from serving.jobs.store import ENDED
+
     files = image_files(folder)
     rels = [f.relative_to(folder).as_posix() for f in files]
     form = {k: json.dumps(v) if k == "classes" else str(v) for k, v in options.items() if v is not None}
@@ -225,7 +238,7 @@ def submit_folder(folder: Path, url: str, options: dict[str, Any], *, out: Path 
         try:
             while True:
                 summary = _request(client, "GET", f"/jobs/{job_id}").json()
-                finished = summary["status"] in ("succeeded", "failed", "cancelled")
+                finished = summary["status"] in ENDED
                 lines = _request(client, "GET", f"/jobs/{job_id}/results", params={"from_index": next_index}).text
                 for raw in lines.splitlines():
                     record = json.loads(raw)

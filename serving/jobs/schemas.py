@@ -9,9 +9,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from serving.jobs.results import result_line
-from serving.jobs.store import Counts, JobRecord, JobStore, ResultRecord
+from serving.jobs.store import FINISHED, Counts, JobRecord, JobStore, ResultRecord
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatusName = Literal["queued", "running", "succeeded", "partial", "failed", "cancelled"]
+STATUS_DESCRIPTION = ("queued, running; then succeeded (every image succeeded), partial (some images failed or "
+                      "were dead-lettered: see errors), failed (no image succeeded, or the job could not run: see "
+                      "error) or cancelled")
 
 
 class JobAccepted(BaseModel):
@@ -23,7 +26,7 @@ class JobAccepted(BaseModel):
 
 class JobCounts(BaseModel):
     total: int = Field(description="images submitted")
-    succeeded: int = Field(description="images with detections")
+    succeeded: int = Field(description="images whose detection succeeded (their detections may be empty)")
     failed: int = Field(description="images that could not be processed (each has its error), dead letters included")
     dead_lettered: int = Field(description="images that crashed or timed out a worker jobs.max_attempts times")
     pending: int = Field(description="images not processed yet")
@@ -49,14 +52,14 @@ class WebhookState(BaseModel):
 
 class JobSummary(BaseModel):
     job_id: str
-    status: JobStatusName
+    status: JobStatusName = Field(description=STATUS_DESCRIPTION)
     counts: JobCounts
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
     deleted: bool = Field(False, description="DELETE /jobs/{id} removed its images and results")
     model: JobModel
-    error: str | None = Field(None, description="why the job failed, when it did")
+    error: str | None = Field(None, description="why the job is failed or partial, when it is")
     errors: list[ImageError] = Field(default_factory=list, description="the images that failed, with their errors")
     webhook: WebhookState | None = None
     results_url: str
@@ -85,7 +88,7 @@ def job_summary(store: JobStore, job: JobRecord, *, inline_results_max: int = 0)
     """The summary of a job as stored now (results inlined for a small finished job)."""
     counts: Counts = store.counts(job.job_id)
     failed = store.results(job.job_id, failed_only=True) if counts.failed + counts.dead else []
-    finished = job.status in ("succeeded", "failed")
+    finished = job.status in FINISHED
     inline = None
     if finished and job.deleted_at is None and job.total <= inline_results_max:
         inline = [record_line(r) for r in store.results(job.job_id)]

@@ -9,7 +9,8 @@ in production (`postgresql+psycopg://...`, row locks with SKIP LOCKED). Four tab
 - `detops_job_images`: one row per submitted image (its object key, size, hash) with its lease
   (owner, expiry) and attempt count: the unit of work a worker claims;
 - `detops_job_results`: one row per processed image, UNIQUE (job_id, image_index): a result is
-  written once whatever happens (insert-or-ignore), and the constraint is what the fault tests check;
+  written once whatever happens (insert-or-ignore: a chunk run twice writes its first result only;
+  the fault tests count the work done twice from `detops_job_images.attempts`);
 - `detops_workers`: the heartbeat of every worker (host, pid, live model version).
 
 Every method is one transaction. A database that cannot be reached raises `StoreUnavailable` (the
@@ -38,8 +39,11 @@ from pipelines.errors import DetopsError
 from serving.jobs.results import IMAGE_DEAD, IMAGE_FAILED, IMAGE_SUCCEEDED, ImageResult
 
 DEFAULT_OWNER = "default"
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+QUEUED, RUNNING, SUCCEEDED, PARTIAL, FAILED, CANCELLED = (
+    "queued", "running", "succeeded", "partial", "failed", "cancelled")
 ACTIVE = (QUEUED, RUNNING)
+FINISHED = (SUCCEEDED, PARTIAL, FAILED)  # a job in one of these has every image's result; it never changes again
+ENDED = (*FINISHED, CANCELLED)  # what a client waiting for a job waits for
 WEBHOOK_PENDING, WEBHOOK_DELIVERED, WEBHOOK_FAILED = "pending", "delivered", "failed"
 
 metadata = MetaData()
@@ -208,6 +212,9 @@ class Claim:
 
 @dataclass(frozen=True)
 class Counts:
+    """A job's images by the status of their result. `processed` counts every image that has a
+    result, whatever its status: a failed or dead-lettered image is processed, not succeeded."""
+
     total: int
     succeeded: int
     failed: int
@@ -216,6 +223,14 @@ class Counts:
     @property
     def processed(self) -> int:
         return self.succeeded + self.failed + self.dead
+
+
+def job_status(counts: Counts) -> str:
+    """The status of a job whose every image has a result: succeeded only when every image
+    succeeded, failed when none did, partial otherwise (some failed or were dead-lettered)."""
+    if counts.succeeded == counts.total:
+        return SUCCEEDED
+    return FAILED if counts.succeeded == 0 else PARTIAL
 
 
 class JobStore:
@@ -468,8 +483,8 @@ class JobStore:
             return conn.execute(select(exists().where(job_images.c.job_id == job_id, unprocessed, free))).scalar()
 
     def finish_if_complete(self, job_id: str) -> JobRecord | None:
-        """Mark a running job whose every image has a result as succeeded (failed when no image
-        succeeded) and queue its webhook; the finished job when this call finished it, else None."""
+        """Finish a running job whose every image has a result, with the status `job_status` gives,
+        and queue its webhook; the finished job when this call finished it, else None."""
         now = utcnow()
         with self._write() as conn:
             row = conn.execute(select(jobs.c.status, jobs.c.callback_url).where(jobs.c.job_id == job_id)
@@ -479,8 +494,11 @@ class JobStore:
             counts = self._counts(conn, job_id)
             if counts.processed < counts.total:
                 return None
-            status = SUCCEEDED if counts.succeeded or not counts.total else FAILED
-            error = None if status == SUCCEEDED else "no image of the job could be processed (see each image's error)"
+            status = job_status(counts)
+            error = {SUCCEEDED: None,
+                     PARTIAL: f"{counts.total - counts.succeeded} of {counts.total} images could not be processed "
+                              "(see each image's error)",
+                     FAILED: "no image of the job could be processed (see each image's error)"}[status]
             return self._finish(conn, job_id, status, error, row.callback_url, now)
 
     def fail_job(self, job_id: str, reason: str) -> JobRecord | None:

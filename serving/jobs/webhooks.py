@@ -2,8 +2,11 @@
 
 - Signed: `X-Detops-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>." + body)>` with the secret
   of DETOPS_WEBHOOK_SECRET and `X-Detops-Timestamp: <unix seconds>` (a receiver checks both, and
-  refuses old timestamps: `verify` below is the reference). `X-Detops-Event-Id` (the job id) lets a
-  receiver drop a repeated delivery.
+  refuses old timestamps: `verify` below is the reference).
+- At least once, one delivery id: a job ends once, and every POST of its end carries the same
+  `X-Detops-Event-Id` (`delivery_id`: the job id). A POST the receiver took but whose answer never
+  came back (a timeout, a worker killed before recording the delivery) is sent again with that id:
+  a receiver acts once per id.
 - Never against the network the service runs in: only the schemes of `jobs.webhook_schemes`, only
   hosts matching `jobs.webhook_allowed_hosts` (when set), and every address the host resolves to must
   be public unless `jobs.webhook_allow_private`. The check runs at submission (422) and again at each
@@ -106,6 +109,11 @@ def backoff_s(attempt: int, cfg: JobsConfig) -> float:
     return base * random.uniform(0.8, 1.2)
 
 
+def delivery_id(payload: dict[str, Any]) -> str:
+    """The id every POST of one job's end carries (`X-Detops-Event-Id`): the job id, since a job ends once."""
+    return str(payload["job_id"])
+
+
 def deliver(url: str, payload: dict[str, Any], *, secret: str, cfg: JobsConfig) -> str | None:
     """POST the signed payload once; None when the receiver answered 2xx, else what went wrong."""
     import httpx
@@ -124,7 +132,7 @@ def deliver(url: str, payload: dict[str, Any], *, secret: str, cfg: JobsConfig) 
     pinned = parts._replace(netloc=netloc).geturl()  # connect to the address that was checked
     headers = {"content-type": "application/json", "host": parts.netloc.rsplit("@", 1)[-1],
                "user-agent": "detops-webhooks", SIGNATURE_HEADER: sign(secret, timestamp, body),
-               TIMESTAMP_HEADER: str(timestamp), EVENT_ID_HEADER: str(payload.get("job_id", ""))}
+               TIMESTAMP_HEADER: str(timestamp), EVENT_ID_HEADER: delivery_id(payload)}
     try:
         with httpx.Client(timeout=cfg.webhook_timeout_s, follow_redirects=False) as client:
             request = client.build_request("POST", pinned, content=body, headers=headers,

@@ -1,9 +1,10 @@
 """Durable jobs for real: `bentoml serve` with the /jobs routes, `detops worker` (Celery, prefork),
-a Redis server with AOF of the test's own, a PostgreSQL database of its own reached through a TCP
-proxy that the test can cut, a local object store, a webhook receiver, and the session's tiny model
-registered in the session's MLflow store. Each fault ends with the database checked: every accepted
-job finished, one result per (job, image index) (the table's unique constraint holds that; the
-count proves nothing was skipped)."""
+a Redis server with AOF of the test's own, a PostgreSQL server of its own (both killed with SIGKILL
+mid-job in their rows), a local object store, a webhook receiver, and the session's tiny model
+registered in the session's MLflow store. Each fault runs jobs made only of good images and ends
+with `check_jobs` (tests/jobs_services.py): every job succeeded, every image has exactly one result
+row and it succeeded, each job's webhook was taken once after dedupe; images claimed twice
+(at-least-once work) are counted. The fault table is printed at the end of the module."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ from serving.jobs import store as st
 from serving.jobs.store import JobStore
 from serving.jobs.webhooks import verify
 from tests.fixtures import images
-from tests.jobs_services import (TcpProxy, Worker, WebhookReceiver, duplicated_results, job_env, postgres_database,
-                                 redis_server, register_model_dir, start_worker, wait_until, webhook_receiver)
+from serving.jobs.store import ENDED
+from tests.jobs_services import (Broker, FaultRow, Worker, WebhookReceiver, check_job_status, check_jobs,
+                                 check_webhooks, job_env, postgres_server, redis_server, register_model_dir,
+                                 start_worker, wait_until, webhook_receiver)
 from tests.serving_process import ROOT, import_model, service_env
 
 pytestmark = pytest.mark.integration
@@ -48,7 +51,7 @@ SETTINGS = {  # small chunks, short leases and intervals, so that every fault re
     "DETOPS_JOBS_DB_CONNECT_TIMEOUT_S": "2", "DETOPS_JOBS_RETRY_AFTER_S": "7",
     "DETOPS_SERVE_WORKERS": "1", "DETOPS_SERVE_MAX_PIXELS": "400000000",
 }
-FAULTS: list[tuple[str, int, int, int]] = []  # (fault, accepted jobs, lost, duplicated results)
+FAULTS: list[FaultRow] = []
 
 
 class Service:
@@ -87,9 +90,9 @@ class Service:
 class Stack:
     service: Service
     env: dict[str, str]
-    db: JobStore  # direct, not through the proxy
-    proxy: TcpProxy
-    redis: object
+    db: JobStore
+    postgres: Broker
+    redis: Broker
     receiver: WebhookReceiver
     objects: Path
     workdir: Path
@@ -99,11 +102,11 @@ class Stack:
     def url(self) -> str:
         return self.service.url
 
-    def start_worker(self) -> None:
+    def start_worker(self, mutant: str | None = None) -> None:
         # The workers load the registry's MODEL_NAME@champion; the service imported the same folder.
         self.worker = start_worker({**self.env, "DETOPS_SERVE_MODEL_NAME": MODEL_NAME},
                                    self.workdir / f"worker-{time.monotonic_ns()}.log", concurrency=1,
-                                   store_url=self.db.url)
+                                   store_url=self.db.url, mutant=mutant)
 
     def stop_worker(self, sig: int = signal.SIGTERM) -> None:
         if self.worker is not None:
@@ -117,17 +120,15 @@ def stack(trained_model_dir: Path, mlflow_uri: str, tmp_path_factory: pytest.Tem
 
     tmp = tmp_path_factory.mktemp("jobs")
     set_champion(MODEL_NAME, register_model_dir(trained_model_dir, MODEL_NAME), reason="tests")
-    with postgres_database() as db_url, redis_server(tmp / "redis") as redis, webhook_receiver() as receiver:
-        proxy = TcpProxy(HOST, 5432)
-        proxied = db_url.replace("127.0.0.1:5432", f"{HOST}:{proxy.port}")
+    with postgres_server() as postgres, redis_server(tmp / "redis") as redis, webhook_receiver() as receiver:
         env = job_env({**service_env(tmp), **SETTINGS, "MLFLOW_TRACKING_URI": mlflow_uri,
-                       "DETOPS_CACHE_DIR": str(tmp / "cache")}, database_url=proxied, broker_url=redis.url,
+                       "DETOPS_CACHE_DIR": str(tmp / "cache")}, database_url=postgres.url, broker_url=redis.url,
                       object_store_url=str(tmp / "objects"), webhook_secret=SECRET)
-        db = JobStore(db_url)
+        db = JobStore(postgres.url)
         db.create_schema()
         (tmp / "objects").mkdir()
         service = Service(trained_model_dir, tmp, env)
-        stack = Stack(service=service, env=env, db=db, proxy=proxy, redis=redis, receiver=receiver,
+        stack = Stack(service=service, env=env, db=db, postgres=postgres, redis=redis, receiver=receiver,
                       objects=tmp / "objects", workdir=tmp)
         try:
             service.start()
@@ -136,10 +137,9 @@ def stack(trained_model_dir: Path, mlflow_uri: str, tmp_path_factory: pytest.Tem
         finally:
             stack.stop_worker()
             service.stop()
-            proxy.cut()
             db.close()
     for row in FAULTS:
-        print("fault: %-48s accepted %3d  lost %d  duplicated %d" % row)
+        print(row.line())
 
 
 # --------------------------------------------------------------------------- helpers
@@ -164,25 +164,44 @@ def summary(stack: Stack, job_id: str) -> dict:
 
 
 def finished(stack: Stack, job_id: str, timeout_s: float = 120) -> dict:
-    return wait_until(lambda: (s := summary(stack, job_id))["status"] in ("succeeded", "failed", "cancelled") and s,
+    return wait_until(lambda: (s := summary(stack, job_id))["status"] in ENDED and s,
                       timeout_s=timeout_s, what=f"job {job_id} to finish")
 
 
 def processed(stack: Stack, job_id: str) -> int:
+    """How many images of the job have a result (of any status: progress, not success)."""
     return stack.db.counts(job_id).processed
 
 
 def check_in_database(stack: Stack, fault: str, job_ids: list[str]) -> None:
-    """Every job succeeded with exactly one result per image; record the fault's row."""
-    lost = 0
-    for job_id in job_ids:
-        job = wait_until(lambda j=job_id: (r := stack.db.get_job(j)) and r.status in ("succeeded", "failed") and r,
-                         timeout_s=180, what=f"job {job_id} to finish after: {fault}")
-        counts = stack.db.counts(job_id)
-        lost += job.status != "succeeded" or counts.processed != job.total
-    duplicated = duplicated_results(stack.db, job_ids)
-    FAULTS.append((fault, len(job_ids), lost, duplicated))
-    assert (lost, duplicated) == (0, 0), f"{fault}: {lost} jobs lost, {duplicated} results duplicated"
+    """`check_jobs` (every image succeeded once, webhooks taken once); record the fault's row."""
+    FAULTS.append(check_jobs(stack.db, fault, job_ids, receiver=stack.receiver))
+
+
+def hooked(stack: Stack) -> dict[str, str]:
+    """The form field that gives a job the stack's webhook receiver."""
+    return {"callback_url": stack.receiver.url}
+
+
+def big_job(stack: Stack, n: int) -> str:
+    """A job of `n` good 1600x1200 photos-like images (long enough to be caught mid-job), with a webhook."""
+    picture = images.smooth_jpeg(1600, 1200)
+    return accepted(submit(stack, [(f"p{i}.jpg", picture) for i in range(n)], hooked(stack)))
+
+
+def leasing_pid(stack: Stack, job_id: str, *, unwritten_result: bool = False) -> int | None:
+    """The live process holding the job's newest lease (a killed one's lease lingers until it expires);
+    with `unwritten_result`, only a lease on an image that already has a result row without a body."""
+    lease = select(st.job_images.c.lease_owner).where(st.job_images.c.job_id == job_id,
+                                                      st.job_images.c.lease_owner.is_not(None))
+    if unwritten_result:
+        lease = lease.join(st.job_results, (st.job_results.c.job_id == st.job_images.c.job_id)
+                           & (st.job_results.c.image_index == st.job_images.c.image_index)).where(
+            st.job_results.c.body.is_(None))
+    with stack.db.engine.connect() as conn:
+        owner = conn.execute(lease.order_by(st.job_images.c.lease_expires_at.desc()).limit(1)).scalar()
+    pid = int(owner.rsplit(":", 1)[1]) if owner else None
+    return pid if pid and alive(pid) else None
 
 
 def good_images(n: int, side: int = 96) -> list[tuple[str, bytes]]:
@@ -194,8 +213,9 @@ def test_submit_poll_results_webhook(stack: Stack) -> None:
     files = good_images(2) + [("broken.jpg", images.truncated_jpeg())]
     job_id = accepted(submit(stack, files, {"conf": "0.001", "callback_url": stack.receiver.url}))
     done = finished(stack, job_id)
-    assert done["status"] == "succeeded" and done["counts"] == {"total": 3, "succeeded": 2, "failed": 1,
-                                                                "dead_lettered": 0, "pending": 0}
+    assert done["status"] == "partial" and done["counts"] == {"total": 3, "succeeded": 2, "failed": 1,
+                                                              "dead_lettered": 0, "pending": 0}
+    assert done["error"].startswith("1 of 3 images") and check_job_status(stack.db, job_id) == "partial"
     assert done["model"] == {"name": MODEL_NAME, "version": "1"}
     error, = done["errors"]
     assert (error["index"], error["name"], error["error"]) == (2, "broken.jpg", "corrupt_image") and error["detail"]
@@ -211,6 +231,7 @@ def test_submit_poll_results_webhook(stack: Stack) -> None:
     delivery = wait_until(lambda: [d for d in stack.receiver.received if json.loads(d["body"])["job_id"] == job_id],
                           timeout_s=60, what="the webhook")[0]
     assert verify(SECRET, delivery["headers"], delivery["body"])
+    assert check_webhooks(stack.receiver, stack.db, [job_id]).startswith("1 of 1")  # says partial, once
     assert not verify("another-secret", delivery["headers"], delivery["body"])
     assert not verify(SECRET, delivery["headers"], delivery["body"] + b" ")
     payload = json.loads(delivery["body"])
@@ -300,21 +321,12 @@ def test_a_new_live_version_serves_new_jobs_while_running_ones_finish_on_theirs(
 def test_worker_killed_at_three_points_of_a_job(stack: Stack) -> None:
     """kill -9 of the pool process working on the job early and midway (Celery requeues its
     message), then of the whole worker late (the reaper republishes), each mid-chunk."""
-    picture = images.smooth_jpeg(1600, 1200)
-    job_id = accepted(submit(stack, [(f"p{i}.jpg", picture) for i in range(240)]))
     total = 240
+    job_id = big_job(stack, total)
     points = []
     for share, whole_worker in ((0.02, False), (0.4, False), (0.75, True)):
-        def working_pid() -> int | None:
-            """The live process holding the job's newest lease (a killed one's lease lingers until it expires)."""
-            with stack.db.engine.connect() as conn:
-                owner = conn.execute(select(st.job_images.c.lease_owner).where(
-                    st.job_images.c.job_id == job_id, st.job_images.c.lease_owner.is_not(None))
-                    .order_by(st.job_images.c.lease_expires_at.desc()).limit(1)).scalar()
-            pid = int(owner.rsplit(":", 1)[1]) if owner else None
-            return pid if pid and alive(pid) else None
         wait_until(lambda s=share: processed(stack, job_id) >= s * total, timeout_s=120, what=f"{share:.0%} done")
-        pid = wait_until(working_pid, timeout_s=30, what="a chunk in flight", interval_s=0.01)
+        pid = wait_until(lambda: leasing_pid(stack, job_id), timeout_s=30, what="a chunk in flight", interval_s=0.01)
         done = processed(stack, job_id)
         assert done < total, "the job finished before the kill"
         points.append(done)
@@ -332,51 +344,73 @@ def test_poison_image_is_dead_lettered_and_the_rest_succeeds(stack: Stack) -> No
     poison = images.blank_png(13000)
     job_id = accepted(submit(stack, good_images(3) + [("poison.png", poison)] + good_images(2)))
     done = finished(stack, job_id, timeout_s=150)
-    assert done["status"] == "succeeded" and done["counts"]["succeeded"] == 5 and done["counts"]["dead_lettered"] == 1
+    assert done["status"] == "partial" and done["counts"]["succeeded"] == 5 and done["counts"]["dead_lettered"] == 1
     error, = done["errors"]
     assert error["index"] == 3 and error["error"] == "poison_image" and "3 times" in error["detail"]
-    check_in_database(stack, "poison image (timed out 3x)", [job_id])
+    assert check_job_status(stack.db, job_id) == "partial"  # a dead letter is no success
 
 
-def test_broker_restarted_with_jobs_queued(stack: Stack) -> None:
-    stack.stop_worker()
-    queued = [accepted(submit(stack, good_images(6))) for _ in range(3)]
-    stack.redis.stop()
-    during = accepted(submit(stack, good_images(3)))  # stored; its wake-up could not be published
-    stack.redis.start()
-    stack.start_worker()
-    check_in_database(stack, "Redis (AOF) restarted, 3 queued + 1 submitted while down", queued + [during])
+def test_broker_killed_mid_job(stack: Stack) -> None:
+    running = big_job(stack, 60)
+    queued = [accepted(submit(stack, good_images(6), hooked(stack))) for _ in range(2)]  # behind it in Redis
+    wait_until(lambda: processed(stack, running) >= 4, timeout_s=60, what="the job running")
+    assert processed(stack, running) < 60, "the job finished before the kill"
+    stack.redis.kill()
+    try:
+        during = accepted(submit(stack, good_images(3), hooked(stack)))  # stored; its wake-up is not published
+    finally:
+        stack.redis.start()
+    check_in_database(stack, "Redis (AOF) kill -9 mid-job, 2 queued + 1 submitted while down",
+                      [running, *queued, during])
 
 
 def test_api_restarted_right_after_a_202(stack: Stack) -> None:
-    job_id = accepted(submit(stack, good_images(20)))
+    job_id = accepted(submit(stack, good_images(20), hooked(stack)))
     stack.service.kill()
     stack.service.start()
     assert finished(stack, job_id)["status"] == "succeeded"
     check_in_database(stack, "API killed (-9) right after 202, restarted", [job_id])
 
 
-def test_database_unavailable_at_submit(stack: Stack) -> None:
+def test_database_killed_mid_job(stack: Stack) -> None:
     def jobs_in_db() -> int:
         with stack.db.engine.connect() as conn:
             return conn.execute(select(func.count()).select_from(st.jobs)).scalar()
 
-    picture = images.smooth_jpeg(1600, 1200)
-    running = accepted(submit(stack, [(f"p{i}.jpg", picture) for i in range(120)]))
-    wait_until(lambda: processed(stack, running) > 0, timeout_s=60, what="a job running")
+    running = big_job(stack, 60)
+    wait_until(lambda: processed(stack, running) >= 4, timeout_s=60, what="a job running")
     before, objects_before = jobs_in_db(), set(os.listdir(stack.objects))
-    stack.proxy.cut()  # the worker loses the database mid-job too: its chunks retry with backoff
+    assert processed(stack, running) < 60, "the job finished before the kill"
+    stack.postgres.kill()  # kill -9 of the postmaster: the worker's chunks retry with backoff
     try:
         refused = submit(stack, good_images(3), timeout=60)
         assert refused.status_code == 503 and refused.headers["retry-after"] == "7", refused.text
         assert refused.json()["error"] == "job_store_unavailable"
         assert httpx.get(f"{stack.url}/jobs/{uuid.uuid4().hex}").status_code == 503
-        time.sleep(2)
     finally:
-        stack.proxy.restore()
+        stack.postgres.start()  # crash recovery on the same data folder
     assert jobs_in_db() == before and set(os.listdir(stack.objects)) == objects_before  # nothing half-written
-    retried = accepted(submit(stack, good_images(3)))
-    check_in_database(stack, "database cut at submit and mid-job (503, retries)", [running, retried])
+    retried = accepted(submit(stack, good_images(3), hooked(stack)))
+    check_in_database(stack, "PostgreSQL kill -9 mid-job (503 at submit while down)", [running, retried])
+
+
+def test_mutant_worker_marking_images_done_first_fails_the_fault_check(stack: Stack) -> None:
+    """tests/mutants/jobs.py `done_before_result` under the first fault of the table (a pool process
+    killed mid-chunk): the job still ends succeeded with every image "processed", as the old check
+    wanted, but the images of the killed chunk have no result: `check_jobs` must fail."""
+    stack.stop_worker()
+    stack.start_worker(mutant="done_before_result")
+    try:
+        job_id = big_job(stack, 24)
+        pid = wait_until(lambda: leasing_pid(stack, job_id, unwritten_result=True), timeout_s=60,
+                         what="a chunk in flight", interval_s=0.01)
+        os.kill(pid, signal.SIGKILL)
+        with pytest.raises(AssertionError, match="images succeeded"):
+            check_jobs(stack.db, "mutant done_before_result, pool process kill -9", [job_id], receiver=stack.receiver)
+        assert stack.db.get_job(job_id).status == "succeeded" and processed(stack, job_id) == 24  # the old check
+    finally:
+        stack.stop_worker()
+        stack.start_worker()
 
 
 def test_webhook_receiver_fails_then_recovers(stack: Stack) -> None:

@@ -58,7 +58,7 @@ class TenantUser(HttpUser):
                     resp.failure(f"HTTP {resp.status_code}")
                     return
                 status = resp.json()["status"]
-            if status in ("succeeded", "failed", "cancelled"):
+            if status in ("succeeded", "partial", "failed", "cancelled"):
                 break
             time.sleep(0.5)
         else:

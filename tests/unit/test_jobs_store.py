@@ -16,7 +16,7 @@ from serving.jobs import store as st
 from serving.jobs.results import ImageResult
 from serving.jobs.store import (IdempotencyConflict, JobStore, NewImage, NewJob, StoreUnavailable,
                                 job_results)
-from tests.jobs_services import postgres_database
+from tests.jobs_services import check_job_status, postgres_database
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,9 @@ def test_claims_leases_results_and_completion(store: JobStore) -> None:
     assert store.record_results(job_id, "w2", "7", ok(2, 3) + [ImageResult(4, st.IMAGE_FAILED, error="corrupt_image",
                                                                              detail="bad")])
     finished = store.finish_if_complete(job_id)
-    assert finished is not None and finished.status == st.SUCCEEDED and finished.webhook_state == st.WEBHOOK_PENDING
+    # One image failed: partial, the count in its error.
+    assert finished is not None and finished.status == st.PARTIAL and finished.webhook_state == st.WEBHOOK_PENDING
+    assert finished.error.startswith("1 of 5 images") and check_job_status(store, job_id) == st.PARTIAL
     assert store.finish_if_complete(job_id) is None  # only one caller finishes it
     assert store.counts(job_id) == st.Counts(total=5, succeeded=4, failed=1, dead=0)
     results = store.results(job_id)
@@ -121,7 +123,17 @@ def test_expired_leases_are_reclaimed_alone_then_dead_lettered(store: JobStore) 
     assert dead.status == st.IMAGE_DEAD and dead.error == "poison_image" and "3 times" in dead.detail
     store.record_results(job_id, "w1", "7", ok(1))
     store.record_results(job_id, "w1", "7", ok(2))  # a late writer whose lease expired: still written once
-    assert store.finish_if_complete(job_id).status == st.SUCCEEDED
+    assert store.finish_if_complete(job_id).status == st.PARTIAL  # a dead letter is no success
+    assert check_job_status(store, job_id) == st.PARTIAL
+
+
+def test_a_job_succeeds_only_when_every_image_did_and_fails_when_none_did(store: JobStore) -> None:
+    bad = [ImageResult(index=i, status=st.IMAGE_FAILED, error="corrupt_image", detail="bad") for i in (0, 1)]
+    for job_id, results, status in (("s" * 32, ok(0, 1), st.SUCCEEDED), ("f" * 32, bad, st.FAILED)):
+        store.create_job(new_job(job_id, 2))
+        claim(store, job_id)
+        store.record_results(job_id, "w1", "7", results)
+        assert store.finish_if_complete(job_id).status == status == check_job_status(store, job_id)
 
 
 def test_cancel_deletes_rows_and_stops_writers(store: JobStore) -> None:
