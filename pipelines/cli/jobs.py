@@ -32,7 +32,11 @@ def worker(
     """Run a pool of job workers (Celery) until stopped; start one per machine for more capacity.
     Broker, job store and object store: DETOPS_BROKER_URL, DETOPS_DATABASE_URL, DETOPS_OBJECT_STORE_URL
     (unset: the embedded files under jobs.data_dir). Model: DETOPS_WORKER_MODEL_VERSION, else the
-    version `detops deploy` serves, else serve.model_name@serve.alias from the registry."""
+    version `detops deploy` serves, else serve.model_name@serve.alias from the registry.
+    SIGTERM stops it within jobs.shutdown_grace_s (default 30 s; DETOPS_JOBS_SHUTDOWN_GRACE_S): it takes
+    no new work and lets running chunks finish, then kills its pool processes and exits 1 when the
+    grace runs out (a chunk cut short is retried once its lease expires). Its heartbeat, every
+    jobs.reap_interval_s, is what /readyz and /metrics count as a live worker."""
     from pipelines.errors import DetopsError
 
     if concurrency is not None and concurrency < 1:
@@ -108,14 +112,14 @@ def batch_run(
         if bar.live.is_started:
             bar.stop()
     typer.echo(f"{new} images detected ({failed} failed), {before} already in {out}; COCO results: {coco_path(out)}")
-
-
-@batch.command("submit")
-@user_errors
     status, succeeded = folder_status(out, files, folder)
     if status == "failed":
         raise DetopsError(f"failed: none of the {len(files)} images of {folder} could be processed (see {out})")
     typer.echo(f"{status}: {succeeded} of {len(files)} images succeeded")
+
+
+@batch.command("submit")
+@user_errors
 def batch_submit(
     folder: Folder,
     url: Annotated[str, typer.Option("--url", help="the service, e.g. http://127.0.0.1:3000")],
