@@ -5,7 +5,11 @@ In deploy/k8s/ the version a pod serves is its pod-template annotation `detops.i
 DETOPS_WORKER_MODEL_VERSION). Following `@champion` therefore means patching that annotation of the
 Rollout (a new revision: Argo Rollouts starts the preview, runs the smoke and error-rate analyses and
 waits for promotion) and of the worker Deployment; no nginx, no colours. Argo Rollouts owns
-verification, promotion and abort; the watcher only asks for the version.
+verification, promotion and abort; the watcher asks for the version, and reads the Rollout's status:
+when Argo Rollouts aborted a revision (a failed analysis), the version it asked for is refused like a
+refused local rollout (deploy/policy.py): tagged why, `@champion` back to the stable version, both
+objects patched back to it. The stable version is the one the Rollout asked for before the watcher's
+last patch, recorded on the Rollout (`detops.io/stable-version`) when that revision had completed.
 
 The API server is spoken to in plain HTTP (JSON merge patches) with the pod's service-account token,
 so nothing beyond the standard library is needed; the RBAC in deploy/k8s/base/watcher.yaml grants
@@ -24,11 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deploy import policy
 from pipelines import registry
 from pipelines.config.deploy import KubernetesConfig
 from pipelines.errors import DetopsError
 
 VERSION_ANNOTATION = "detops.io/model-version"
+STABLE_ANNOTATION = "detops.io/stable-version"  # on the Rollout: the version serving before the last patch
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
 # What each call needs from the Role (deploy/k8s/base/watcher.yaml): (HTTP method -> RBAC verb).
@@ -100,11 +106,30 @@ def targets(cfg: KubernetesConfig, namespace: str) -> list[Target]:
     return found
 
 
-def version_patch(version: str) -> dict[str, Any]:
+def version_patch(version: str, stable: str | None = None) -> dict[str, Any]:
     """The merge patch that sets the version: the pod template's annotation (a new revision) and the
-    object's own (the smoke analysis reads it from the Rollout)."""
+    object's own (the smoke analysis reads it from the Rollout); on the Rollout, also `stable`, the
+    version serving until the new revision completes (what an abort returns to)."""
     note = {VERSION_ANNOTATION: str(version)}
-    return {"metadata": {"annotations": note}, "spec": {"template": {"metadata": {"annotations": note}}}}
+    own = note if stable is None else {**note, STABLE_ANNOTATION: str(stable)}
+    return {"metadata": {"annotations": own}, "spec": {"template": {"metadata": {"annotations": note}}}}
+
+
+def rollout_versions(obj: dict[str, Any]) -> tuple[str | None, str | None, bool]:
+    """(the version a Rollout asks for, the version it serves, whether Argo Rollouts aborted the revision).
+    It serves the asked version once the revision completed (its stable ReplicaSet is the current one,
+    no abort), else the stable version recorded with the watcher's last patch."""
+    status = obj.get("status") or {}
+    aborted = bool(status.get("abort"))
+    asked = _template_version(obj)
+    completed = not aborted and status.get("stableRS") == status.get("currentPodHash")
+    stable = (obj.get("metadata", {}).get("annotations") or {}).get(STABLE_ANNOTATION)
+    return asked, asked if completed else stable, aborted
+
+
+def _template_version(obj: dict[str, Any]) -> str | None:
+    annotations = obj.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations") or {}
+    return annotations.get(VERSION_ANNOTATION)
 
 
 class KubernetesWatcher:
@@ -117,29 +142,41 @@ class KubernetesWatcher:
         self.name = model_name
         self.say = say
 
-    def live_version(self, target: Target) -> str | None:
-        """The version the object's pod template asks for (None: not annotated)."""
-        obj = self.api.request("GET", target.path)
-        annotations = obj.get("spec", {}).get("template", {}).get("metadata", {}).get("annotations") or {}
-        return annotations.get(VERSION_ANNOTATION)
-
     def check(self) -> str:
-        """Compare `@champion` with each target's version and patch the ones that differ; one line."""
+        """Refuse a revision Argo Rollouts aborted, keep `@champion` off refused versions, then patch
+        the targets whose version differs from it; what happened, one line."""
         champion = registry.alias_version(self.name, registry.CHAMPION)
         if champion is None:
             return f"{self.name} has no @champion: nothing to follow"
-        verdict = registry.resolve(self.name, version=champion).tags.get("deploy.verdict")
-        if verdict == "refused":
-            return f"@champion is v{champion}, which a deployment refused before: left alone"
+        rollout = self.api.request("GET", self.targets[0].path)
+        asked, live, aborted = rollout_versions(rollout)
+        notes = []
+        if aborted and asked not in (None, live) and policy.refused_reason(self.name, asked) is None:
+            message = (rollout.get("status") or {}).get("message") or "no message"
+            policy.refuse(self.name, asked, live, f"Argo Rollouts aborted its revision: {message}")
+            notes.append(f"Argo Rollouts aborted v{asked} ({message}): refused, stable v{live}")
+            champion = registry.alias_version(self.name, registry.CHAMPION) or champion
+        refused = policy.keep_off_refused(self.name, champion, live)
+        if refused is not None:
+            notes.append(refused)
+            if live is None:
+                return "; ".join(notes)
+            champion = live
         patched = []
         for target in self.targets:
-            if self.live_version(target) != champion:
-                self.api.request("PATCH", target.path, version_patch(champion))
+            current = asked if target is self.targets[0] else _template_version(self.api.request("GET", target.path))
+            if current != champion:
+                stable = live if target.kind == "Rollout" else None
+                self.api.request("PATCH", target.path, version_patch(champion, stable))
                 patched.append(f"{target.kind} {target.name}")
         if not patched:
-            return f"v{champion} is @champion and asked for by every target"
-        return (f"v{champion}: patched {', '.join(patched)}; Argo Rollouts verifies the preview and waits for "
-                f"`kubectl argo rollouts promote {self.targets[0].name}`")
+            notes.append(f"v{champion} is @champion and asked for by every target")
+        elif champion == live:
+            notes.append(f"v{champion}: patched {', '.join(patched)} back to the version that serves")
+        else:
+            notes.append(f"v{champion}: patched {', '.join(patched)}; Argo Rollouts verifies the preview and waits "
+                         f"for `kubectl argo rollouts promote {self.targets[0].name}`")
+        return "; ".join(notes)
 
     def run(self, poll_interval_s: float, *, once: bool = False) -> None:
         """Check now, then every `poll_interval_s`, until interrupted; errors are reported, not fatal."""

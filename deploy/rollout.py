@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-from deploy import colours, nginx
+from deploy import colours, nginx, policy
 from deploy.state import DeployState, Rollout, Stack, now, other
 from deploy.verify import (
     Check,
@@ -100,6 +100,7 @@ class Deployer:
                     colours.stop(stack.colours.pop("blue", None), drain_s=0)
                     self.state.save(stack)
                     self.state.finish_rollout(rollout, "refused", _reason(exc))
+                    policy.refuse(self.serve.model_name, version, None, _reason(exc))
                     raise RolloutRefused(f"deploy up: v{version} refused: {_reason(exc)}") from None
                 stack.live, stack.live_since = "blue", now()
                 self.state.save(stack)
@@ -297,11 +298,7 @@ class Deployer:
             self._route(stack)  # only the live colour again (a shadow or canary window may have been cut short)
             rollout = self.state.finish_rollout(rollout, "refused", reason, figures)
             write_report(Path(self.cfg.reports), rollout, checks or gates_or_empty(figures, self.cfg))
-            registry.tag_version(self.serve.model_name, version, {"deploy.verdict": "refused",
-                                                                   "deploy.reason": reason[:250]})
-            if live_version is not None:
-                registry.move_champion_back(self.serve.model_name, live_version,
-                                            reason=f"deploy refused v{version}: {reason[:200]}")
+            policy.refuse(self.serve.model_name, version, live_version, reason)
             raise RolloutRefused(f"rollout of v{version} refused, traffic stays on v{live_version}: {reason}") from None
         switched = time.monotonic()
         self._switch(stack, idle, watch=rollout.id)

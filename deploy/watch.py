@@ -8,8 +8,9 @@ the MLflow UI starts a rollout within a second. Polling stays the backstop for l
 
 What the watcher does when `@champion` changes: a new version is rolled out (deploy/rollout.py); the
 version whose colour is still warm (the one live before: `@champion` moved back) is switched to at
-once; a version the deployment refused before is left alone (roll it out by hand after fixing it). A
-refused rollout moves `@champion` back to the live version, so the two never disagree for long.
+once. A refused rollout moves `@champion` back to the live version, and so does a version refused
+before when someone sets `@champion` to it again (it is not retried: roll it out by hand after fixing
+it; deploy/policy.py), so the two never disagree for longer than one check.
 
 After a switch, while the previous colour is warm, the watcher also judges the new live version every
 `deploy.watch.live_check_s` on its live traffic (`Deployer.guard`: error rate, p95 against the previous
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from deploy import policy
 from deploy.rollout import Deployer, RolloutRefused
 from pipelines import registry
 from pipelines.errors import DetopsError
@@ -79,9 +81,9 @@ class Watcher:
             return f"nothing was deployed: v{champion} is live"
         if champion == stack.live_version:
             return f"v{champion} is live and @champion"
-        verdict = registry.resolve(self.name, version=champion).tags.get("deploy.verdict")
-        if verdict == "refused":
-            return f"@champion is v{champion}, which the deployment refused before: left alone"
+        refused = policy.keep_off_refused(self.name, champion, stack.live_version)
+        if refused is not None:
+            return refused
         try:
             rollout = self.deployer.follow(champion, trigger=trigger)
         except RolloutRefused as exc:

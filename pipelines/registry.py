@@ -176,16 +176,19 @@ def tag_version(name: str, version: str, tags: dict[str, str | None], mlflow_cli
                 pass  # deleted meanwhile
 
 
-def move_champion_back(name: str, to_version: str, *, reason: str) -> bool:
-    """Point `champion` at `to_version` because the version it names was refused or rolled back: with a
-    rollback when `to_version` is the champion's recorded predecessor (so `previous_champion` stays a
-    true history), else by setting it. Returns whether the alias moved."""
+def move_champion_back(name: str, to_version: str, *, reason: str, from_version: str | None = None) -> bool:
+    """Point `champion` back at `to_version` because the version it names was refused or rolled back,
+    tagging that version `rolled_back` with `reason`. With `from_version`, only while the alias still
+    names it: a champion chosen meanwhile is someone's newer decision, not the refused version. No
+    `previous_champion` tag changes, so it stays a true history of promotions (`to_version` does not
+    get the refused version as its predecessor, which a later `detops rollback` would return to).
+    Returns whether the alias moved."""
     mlflow_client = client()
     current = alias_version(name, CHAMPION, mlflow_client)
-    if current == str(to_version):
+    if current == str(to_version) or (from_version is not None and current != str(from_version)):
         return False
-    if current is not None and mlflow_client.get_model_version(name, current).tags.get(PREVIOUS_TAG) == str(to_version):
-        rollback(name, reason=reason)
-    else:
-        set_champion(name, str(to_version), reason=reason, mlflow_client=mlflow_client)
+    resolve(name, version=to_version, mlflow_client=mlflow_client)
+    mlflow_client.set_registered_model_alias(name, CHAMPION, str(to_version))
+    if current is not None:
+        mlflow_client.set_model_version_tag(name, current, "rolled_back", reason)
     return True

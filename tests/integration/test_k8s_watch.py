@@ -1,7 +1,8 @@
 """`detops deploy watch --kubernetes` against a local stand-in for the Kubernetes API server: a real
 HTTP server holding the Rollout and worker Deployment rendered from deploy/k8s, that applies JSON
 merge patches, checks the bearer token and allows only what the rendered watcher Role grants (RBAC
-verb per HTTP method, resource and resourceName). The registry is a real MLflow store."""
+verb per HTTP method, resource and resourceName), and on which a test sets the status Argo Rollouts
+writes when it aborts a revision. The registry is a real MLflow store."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
-from deploy.kubernetes import RBAC_VERBS, VERSION_ANNOTATION, version_patch
+from deploy.kubernetes import RBAC_VERBS, STABLE_ANNOTATION, VERSION_ANNOTATION, version_patch
 from pipelines import registry
 from pipelines.processes import HOST
+from tests.integration.test_deploy import champion_problem
+from tests.mutants.deploy import leave_refused_champion
 from tests.unit.test_k8s import rendered
 
 pytestmark = pytest.mark.integration
@@ -165,7 +168,9 @@ def test_a_new_champion_patches_the_rollout_and_workers_with_only_the_roles_verb
         ("GET", "rollouts"), ("PATCH", "rollouts"), ("GET", "deployments"), ("PATCH", "deployments")]
     assert {r["auth"] for r in api_server.requests} == {f"Bearer {TOKEN}"}
     patches = [r for r in api_server.requests if r["method"] == "PATCH"]
-    assert all(r["content_type"] == "application/merge-patch+json" and r["body"] == version_patch(v2) for r in patches)
+    assert all(r["content_type"] == "application/merge-patch+json" for r in patches)
+    # The Rollout also records the version serving until the new revision completes (what an abort returns to).
+    assert [r["body"] for r in patches] == [version_patch(v2, stable=_template_version(before)), version_patch(v2)]
     role_verbs = {v for rule in api_server.rules for v in rule["verbs"]}
     assert {RBAC_VERBS[r["method"]] for r in api_server.requests} == role_verbs == {"get", "patch"}
     # The pod templates now ask for v2 (a new Rollout revision); nothing else of the Rollout changed.
@@ -195,3 +200,55 @@ def test_refusals_are_one_line_errors(api_server: StandIn, versions: list[str], 
     # Webhooks are the nginx mode's: refused with one line.
     result = _watch(_params(tmp_path, api_url=api_server.url), "--webhook")
     assert result.exit_code == 1 and "--webhook is for the nginx mode" in result.output
+
+
+# An aborted revision: what Argo Rollouts writes in the Rollout's status when an analysis fails (the
+# active Service stays on the stable ReplicaSet; the status stays so until the template changes).
+ABORTED = {"abort": True, "phase": "Degraded", "stableRS": "5d8f7b9c4", "currentPodHash": "7c6b5d4f8",
+           "message": 'RolloutAborted: Rollout aborted update to revision 2: Metric "smoke" assessed Failed due '
+                      "to failed (1) > failureLimit (0)"}
+HEALTHY = {"phase": "Healthy", "stableRS": "5d8f7b9c4", "currentPodHash": "5d8f7b9c4"}
+
+
+def _aborted_revision(api_server: StandIn, params: Path) -> tuple[str, str]:
+    """A fresh version made `@champion` and patched in, then aborted by Argo Rollouts and checked once by
+    the watcher; (the stable version, the aborted one)."""
+    rollout = api_server.objects[next(iter(api_server.objects))]
+    stable = _template_version(rollout)
+    rollout["status"] = HEALTHY  # the manifest's revision completed
+    bad = str(registry.client().create_model_version(NAME, source=str(params.parent)).version)
+    registry.promote(NAME, bad)  # the alias really moves to it
+    assert f"v{bad}: patched" in _watch(params).output
+    assert rollout["metadata"]["annotations"][STABLE_ANNOTATION] == stable
+    rollout["status"] = ABORTED
+    _watch(params)
+    return stable, bad
+
+
+def test_an_aborted_revision_is_refused_and_champion_goes_back_to_the_stable_version(
+        api_server: StandIn, versions: list[str], tmp_path: Path) -> None:
+    params = _params(tmp_path, api_url=api_server.url)
+    rollout, workers = api_server.objects.values()
+    stable, bad = _aborted_revision(api_server, params)
+    assert champion_problem(NAME, bad, stable) == ""
+    assert "Metric \"smoke\" assessed Failed" in registry.resolve(NAME, version=bad).tags["deploy.reason"]
+    assert _template_version(rollout) == _template_version(workers) == stable  # both asked back
+    rollout["status"] = HEALTHY  # the template is the stable one again: Argo clears the abort
+
+    # Set again in the MLflow UI: the alias goes back at the next check, and nothing is patched (no retry).
+    registry.promote(NAME, bad)
+    api_server.requests.clear()
+    result = _watch(params)
+    assert "refused before" in result.output and f"back to the live v{stable}" in result.output, result.output
+    assert champion_problem(NAME, bad, stable) == ""
+    assert [r["method"] for r in api_server.requests] == ["GET", "GET"]
+
+
+def test_a_policy_that_leaves_the_alias_on_an_aborted_version_fails_the_alias_check(
+        api_server: StandIn, versions: list[str], tmp_path: Path) -> None:
+    params = _params(tmp_path, api_url=api_server.url)
+    with leave_refused_champion():
+        stable, bad = _aborted_revision(api_server, params)
+    problem = champion_problem(NAME, bad, stable)
+    registry.promote(NAME, stable)
+    assert problem.startswith(f"@champion is v{bad}"), problem

@@ -1,5 +1,6 @@
-"""The deployment's pure parts: the smoke comparison, agreement, the gates, MLflow webhook signatures,
-the state file, and the generated nginx configuration (checked by the real `nginx -t` when installed)."""
+"""The deployment's pure parts: the smoke comparison (its thresholds each ± ε), agreement, the gates,
+MLflow webhook signatures, the state file, and the generated nginx configuration (checked by the real
+`nginx -t` when installed)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,59 @@ from pathlib import Path
 
 import pytest
 
+import deploy.verify
 from deploy.state import ColourProcess, DeployState, Stack
 from deploy.verify import _agree, _same_detections, gates, traffic
 from deploy.watch import signature_ok
 from pipelines.config.deploy import DeployConfig
 from pipelines.types import Box
+from tests.mutants.deploy import smoke_ignores_confidence, smoke_iou_loose
 
 BOX = Box(10, 10, 50, 60)
+# The production thresholds (params.yaml deploy.smoke_iou, smoke_conf_tolerance) and the ε of the ± ε
+# cases: far above float noise (the served runtime repeats evaluation's numbers to ~1e-7).
+SMOKE_IOU, SMOKE_CONF = DeployConfig().smoke_iou, DeployConfig().smoke_conf_tolerance
+EPS_IOU, EPS_CONF = 0.002, 2e-5
+
+
+def box_at_iou(box: Box, iou: float) -> Box:
+    """`box` moved right so that its IoU with `box` is `iou` (width w moved by d: IoU = (w - d) / (w + d))."""
+    d = (box.x2 - box.x1) * (1 - iou) / (1 + iou)
+    return Box(box.x1 + d, box.y1, box.x2 + d, box.y2)
+
+
+def threshold_problems() -> list[str]:
+    """Served detections that differ from the recorded ones by each smoke threshold ± ε, judged by the
+    product's comparison (looked up at call time, so a mutant replaces it): just inside must pass, just
+    outside must be refused. What did not happen as it must; empty when the thresholds hold."""
+    recorded = [(0, BOX, 0.80), (1, Box(70, 70, 90, 95), 0.41)]
+    cases = {  # label: (served detection from a recorded one, whether it must pass)
+        "IoU just inside": (lambda c, b, p: (c, box_at_iou(b, SMOKE_IOU + EPS_IOU), p), True),
+        "IoU just outside": (lambda c, b, p: (c, box_at_iou(b, SMOKE_IOU - EPS_IOU), p), False),
+        "confidence just inside": (lambda c, b, p: (c, b, p + SMOKE_CONF - EPS_CONF), True),
+        "confidence just outside": (lambda c, b, p: (c, b, p - SMOKE_CONF - EPS_CONF), False),
+        "both just inside": (lambda c, b, p: (c, box_at_iou(b, SMOKE_IOU + EPS_IOU), p - SMOKE_CONF + EPS_CONF),
+                             True),
+    }
+    problems = []
+    for label, (perturb, must_pass) in cases.items():
+        served = [perturb(*d) for d in recorded]
+        found = deploy.verify._same_detections(recorded, served, iou=SMOKE_IOU, conf_tolerance=SMOKE_CONF)
+        if (found == "") != must_pass:
+            problems.append(f"{label}: {'refused (' + found + ')' if found else 'passed'}")
+    return problems
+
+
+def test_smoke_thresholds_hold_to_within_epsilon() -> None:
+    assert threshold_problems() == []
+
+
+@pytest.mark.parametrize("mutant", [smoke_iou_loose, smoke_ignores_confidence])
+def test_a_smoke_comparison_reading_thresholds_loosely_fails_the_epsilon_check(mutant) -> None:  # noqa: ANN001
+    with mutant():
+        problems = threshold_problems()
+    assert problems, f"{mutant.__name__}: the ± ε check still passes"
+    assert all("just outside: passed" in p for p in problems), problems
 
 
 def test_smoke_comparison_tolerates_float_noise_and_names_a_real_difference() -> None:

@@ -1,6 +1,6 @@
 """deploy/k8s checked offline, with no cluster: every overlay renders with the machine's kubectl
-(kustomize); the core objects validate strictly against the Kubernetes schemas of that kubectl's
-version (kubernetes-validate); the Argo Rollouts, KEDA and Prometheus Operator objects against the
+(kustomize); the core objects validate strictly against the Kubernetes 1.32 schemas, pinned here
+(kubernetes-validate), not whatever the machine's kubectl reports; the Argo Rollouts, KEDA and Prometheus Operator objects against the
 schemas @kubernetes-models/* generated from their CRDs (deploy/k8s/validate, `make k8s-schemas`), with
 unknown fields reported; and every reference resolves (selectors, port names, ConfigMaps, Secrets,
 volumes, service accounts, analysis templates, probe paths among the service's routes). Each check is
@@ -44,13 +44,7 @@ def rendered(overlay: str) -> tuple[Obj, ...]:
     return tuple(render(K8S / "overlays" / overlay))
 
 
-@functools.cache
-def kubectl_version() -> str:
-    """The machine kubectl's Kubernetes version as major.minor.0 (kubernetes-validate's schema set)."""
-    out = json.loads(subprocess.run(["kubectl", "version", "--client", "-o", "json"], capture_output=True,
-                                    text=True, timeout=30, check=True).stdout)["clientVersion"]
-    minor = re.match(r"\d+", out["minor"]).group()  # "32+" on some builds
-    return f"{out['major']}.{minor}.0"
+KUBERNETES_VERSION = "1.32.0"  # the schema set the manifests target (kubernetes-validate names it so)
 
 
 def name(obj: Obj) -> str:
@@ -67,7 +61,7 @@ def core_problems(objects: list[Obj]) -> list[str]:
     custom resources: a Rollout's pod template, an AnalysisTemplate's Job."""
     import kubernetes_validate
 
-    version = kubectl_version()
+    version = KUBERNETES_VERSION
     problems = []
     for obj in objects:
         checks = [] if is_crd(obj) else [(name(obj), obj)]
@@ -501,3 +495,12 @@ def test_every_alert_has_a_runbook_entry() -> None:
     for rule in rules:
         assert f"## {rule['alert']}\n" in runbook, rule["alert"]
         assert rule["annotations"]["runbook"] == f"docs/runbook.md#{rule['alert'].lower()}"
+
+
+def test_the_core_schemas_are_the_pinned_kubernetes_version() -> None:
+    import kubernetes_validate
+
+    assert KUBERNETES_VERSION in kubernetes_validate.utils.all_versions()
+    with pytest.raises(kubernetes_validate.ValidationError):  # a 1.32 schema judges: an unknown field fails
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"},
+                                      "dataa": {}}, KUBERNETES_VERSION, strict=True)
