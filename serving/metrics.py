@@ -36,6 +36,20 @@ INFERENCE_BATCH_SIZE = Histogram(
     buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128))
 
 
+JOB_WORKERS = Gauge(
+    "detops_job_workers_alive", "Job workers whose heartbeat is younger than jobs.worker_lease_s (0: no worker "
+    "consumes POST /jobs)", multiprocess_mode="livemax")
+OLDEST_QUEUED_JOB = Gauge(
+    "detops_jobs_oldest_queued_age_seconds", "Age of the oldest job still queued (0: none queued)",
+    multiprocess_mode="livemax")
+
+
+def observe_job_consumers(alive: int, oldest_queued_age_s: float) -> None:
+    """Record the last reading of the job workers' heartbeats (serving/gateway/readiness.py)."""
+    JOB_WORKERS.set(alive)
+    OLDEST_QUEUED_JOB.set(oldest_queued_age_s)
+
+
 def observe_detections(detections: Sequence[Detection]) -> None:
     """Record one image's detections."""
     DETECTIONS_PER_IMAGE.observe(len(detections))

@@ -36,7 +36,12 @@ class JobsConfig(Section):
     retry_backoff_s: int = Field(1, ge=1)  # whole seconds (Celery's backoff computes in integers)
     retry_backoff_max_s: int = Field(300, ge=1)
     # The workers' housekeeping thread: re-publish wake-ups of stalled jobs, heartbeat, webhooks.
-    reap_interval_s: float = Field(5.0, gt=0)
+    reap_interval_s: float = Field(5.0, gt=0)  # also how often each worker writes its heartbeat
+    # A worker counts as alive (/readyz, /metrics, the 202 of POST /jobs) while its heartbeat is younger.
+    worker_lease_s: float = Field(30.0, gt=0)
+    # After SIGTERM a worker stops taking messages and lets its chunks finish for at most this long,
+    # then kills its pool processes and exits (their images are re-claimed when their lease expires).
+    shutdown_grace_s: float = Field(30.0, gt=0)
     requeue_after_s: float = Field(120.0, gt=0)  # a queued job untouched this long gets a new wake-up
     model_check_interval_s: float = Field(10.0, gt=0)  # how often a worker asks which version is live
     worker_concurrency: int | None = Field(None, ge=1)  # processes per worker (null: the machine's cores)
@@ -56,6 +61,10 @@ class JobsConfig(Section):
     def _consistent(self) -> JobsConfig:
         if self.max_image_bytes > self.max_job_bytes:
             raise ValueError(f"max_image_bytes ({self.max_image_bytes}) is over max_job_bytes ({self.max_job_bytes})")
+        if self.worker_lease_s < 2 * self.reap_interval_s:
+            raise ValueError(f"worker_lease_s ({self.worker_lease_s}) must be at least twice reap_interval_s "
+                             f"({self.reap_interval_s}), the heartbeat interval: one late heartbeat must not "
+                             "count a live worker out")
         if not set(self.webhook_schemes) <= {"http", "https"} or not self.webhook_schemes:
             raise ValueError(f"webhook_schemes: only http and https (got {self.webhook_schemes})")
         return self

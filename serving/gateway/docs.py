@@ -102,7 +102,9 @@ def openapi_document(spec: dict[str, Any], *, model_version: str, description: s
     probes = doc["paths"]
     if "/readyz" in probes:
         probes["/readyz"]["get"]["responses"] = {
-            "200": {"description": "this instance can serve /detect; the body names any dependency that is down",
+            "200": {"description": "this instance can serve /detect; the body names any dependency that is down "
+                                   "and, under job_workers, how many job workers are alive (0: POST /jobs still "
+                                   "accepts, but no worker is consuming) and the oldest queued job's age",
                     "content": {"application/json": {"schema": {"type": "object"}}}},
             "503": {"description": "not ready: model not loaded or circuit open",
                     "content": {"application/json": {"schema": {"type": "object"}}}}}

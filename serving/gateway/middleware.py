@@ -4,7 +4,8 @@ In order, for each HTTP request:
 1. a request id (the client's `X-Request-Id` when it is sane, else a new one; echoed in the response)
    and, once known, the tenant are put in context for every log line (serving/gateway/context.py);
 2. `/` and `/docs.json` answer detops' own documentation (serving/gateway/docs.py);
-   `/readyz` answers JSON: ready (model loaded, circuit not open: else 503) and each dependency;
+   `/readyz` answers JSON: ready (model loaded, circuit not open: else 503), each dependency, and the
+   job workers (how many alive, the oldest queued job's age; none alive is named, not unready);
 3. public routes (serving/gateway/scopes.py) pass; every other route needs a key: 401 without one or
    with an unknown or revoked one, 403 without the route's scope, then the key's request rate (429);
 4. `/jobs` answers 503 + Retry-After at once while the background probe sees the job store down, and
@@ -76,7 +77,6 @@ class GatewayState:
             _ = self.keys
         else:
             network.refuse_auth_off_exposed(self.cfg, network.listening_addresses(), "this service")
-
 
     @property
     def keys(self) -> KeyCache:
@@ -205,6 +205,8 @@ class Gateway:
         deps = self.state.monitor.report() if self.state.monitor is not None else {}
         body = {"ready": ready, "model_loaded": loaded, "circuit": circuit, "dependencies": deps,
                 "rate_limits": self.state.limits.report()}
+        if self.state.monitor is not None and self.state.monitor.consumers is not None:
+            body["job_workers"] = self.state.monitor.consumers.report()  # none alive: named, still ready
         await _send(send, 200 if ready else 503, json.dumps(body).encode(), b"application/json")
 
 

@@ -7,7 +7,8 @@ its port, its middleware and its OpenAPI document (/docs.json):
   the job and its image rows are committed in one transaction, and only then are the wake-ups
   published and 202 answered. A database that cannot be reached is a 503 with Retry-After and leaves
   nothing behind; a broker that cannot be reached is logged only (the job is stored: the workers'
-  reaper publishes it later).
+  reaper publishes it later). With no live job worker the job is still accepted (it is durable), and
+  the 202 says so (`workers_alive: 0`, `warning`, header `X-Job-Workers`).
 - `GET /jobs/{id}`: the job summary (serving/jobs/schemas.py);
 - `GET /jobs/{id}/results`: JSON Lines (default) or `?format=coco`; `?from_index=N` for the images
   from N on (a client reads a running job's results as they come);
@@ -192,9 +193,15 @@ async def submit_job(request: Request, idempotency_key: str | None = Header(
     if submission.options.callback_url is not None:
         await run_in_threadpool(_check_callback, submission.options.callback_url, backend().settings)
     job, replayed = await run_in_threadpool(_accept, backend(), submission, idempotency_key, current_tenant())
+    monitor = gateway.current().monitor
+    consumers = monitor.consumers if monitor is not None else None
+    alive = consumers.alive if consumers is not None else None
     body = schemas.JobAccepted(job_id=job.job_id, status_url=f"/jobs/{job.job_id}",
-                               results_url=schemas.results_url(job.job_id))
+                               results_url=schemas.results_url(job.job_id), workers_alive=alive,
+                               warning=consumers.detail if consumers is not None and consumers.none_alive else None)
     headers = {"Location": body.status_url}
+    if alive is not None:
+        headers["X-Job-Workers"] = str(alive)
     if replayed:
         headers["Idempotent-Replayed"] = "true"
     return JSONResponse(body.model_dump(), status_code=202, headers=headers)

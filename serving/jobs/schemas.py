@@ -22,6 +22,11 @@ class JobAccepted(BaseModel):
     status_url: str = Field(description="poll this: GET /jobs/{job_id}",
                             examples=["/jobs/3f2b9c0e5d8a4c1b9e7f6a5d4c3b2a10"])
     results_url: str = Field(description="GET for JSON Lines, ?format=coco for COCO results")
+    workers_alive: int | None = Field(
+        None, description="job workers whose heartbeat is younger than jobs.worker_lease_s, as the service last "
+                          "read it (every gateway.dependency_check_s; also header X-Job-Workers); 0: the job is "
+                          "stored but no worker is consuming, it waits until one starts; null: not known")
+    warning: str | None = Field(None, description="why the job may not start soon (no worker is consuming)")
 
 
 class JobCounts(BaseModel):

@@ -559,6 +559,16 @@ class JobStore:
         with self._write() as conn:
             conn.execute(delete(workers).where(workers.c.worker_id == worker_id))
 
+    def consumers(self, within_s: float) -> tuple[int, datetime | None]:
+        """How many workers heartbeated within `within_s` seconds, and when the oldest queued job was
+        accepted (None: none queued). One cheap read: /readyz and /metrics ask it in the background."""
+        since = utcnow() - timedelta(seconds=within_s)
+        with self._read() as conn:
+            alive = conn.execute(select(func.count()).select_from(workers)
+                                 .where(workers.c.heartbeat_at >= since)).scalar_one()
+            oldest = conn.execute(select(func.min(jobs.c.created_at)).where(jobs.c.status == QUEUED)).scalar()
+        return alive, oldest
+
     def live_workers(self, within_s: float) -> list[dict[str, Any]]:
         """Workers whose heartbeat is more recent than `within_s` seconds."""
         since = utcnow() - timedelta(seconds=within_s)

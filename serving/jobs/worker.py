@@ -13,19 +13,32 @@ jobs.max_attempts times is dead-lettered with its reason (serving/jobs/store.py 
 The parent process of the pool runs a housekeeping thread: heartbeat, finishing jobs whose worker
 died after their last result, new wake-ups for stalled jobs (expired leases, lost messages: the
 reaper that makes the broker only a wake-up), and webhook deliveries (serving/jobs/webhooks.py).
+The heartbeat (a `detops_workers` row, every jobs.reap_interval_s) is what the API counts as a live
+worker (/readyz, /metrics, the 202 of POST /jobs); it is deleted as soon as the worker shuts down.
+
+Stopping is bounded: SIGTERM (or SIGINT) starts Celery's warm shutdown (no new message; running
+chunks finish), and a thread started with the worker kills the pool processes and exits the process
+once jobs.shutdown_grace_s has passed, whatever Celery is waiting for. That wait can be forever:
+billiard's plain pool (the one Celery uses with the embedded broker) shares locks between the parent
+and its children, and a child killed while holding one (SIGKILL, or a SIGTERM sent to the whole
+process group, mid-message) leaves it held, so the pool's join never returns (seen: the task
+handler blocked on the result queue's write lock, and `Pool._help_stuff_finish` on the task queue's
+read lock). A chunk cut short is not lost: its images are re-claimed when their lease expires.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import signal
 import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery.signals import worker_process_init, worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 
 from pipelines import environment
 
@@ -149,15 +162,17 @@ class Housekeeping:
     stopping: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
     broker_engine: Any = None
+    version: str | None = None  # the live model version, as last asked
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="detops-housekeeping", daemon=True)
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Stop the thread (its heartbeat row is deleted as it ends), waiting for it at most `wait_s`."""
         self.stopping.set()
-        if self.thread is not None:
-            self.thread.join(timeout=10)
+        if self.thread is not None and wait_s > 0:
+            self.thread.join(timeout=wait_s)
 
     def _run(self) -> None:
         from serving.jobs.schemas import job_summary
@@ -195,13 +210,14 @@ class Housekeeping:
 
     def _reap(self, store: JobStore, live: LiveModel) -> None:
         cfg = self.settings.config
+        # First, with the version known so far: a slow registry or broker must not make a live worker look dead.
+        store.heartbeat(self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), model_version=self.version)
         if self.settings.embedded_broker:
             self._purge_broker()
         try:
-            version: str | None = live.get().version
+            self.version = live.get().version
         except Exception:
-            version = None
-        store.heartbeat(self.worker_id, hostname=socket.gethostname(), pid=os.getpid(), model_version=version)
+            self.version = None
         for job_id in store.unfinished_complete_jobs():
             store.finish_if_complete(job_id)
         for job_id in store.stalled_jobs(reap_interval_s=cfg.reap_interval_s, requeue_after_s=cfg.requeue_after_s):
@@ -236,6 +252,50 @@ def _start_housekeeping(**_: Any) -> None:
 def _stop_housekeeping(**_: Any) -> None:
     if _housekeeping is not None:
         _housekeeping.stop()
+
+
+# --------------------------------------------------------------------------- bounded shutdown
+_shutting_down = threading.Event()
+
+
+@worker_init.connect
+def _start_grace_watch(**_: Any) -> None:
+    """Start, with the worker, the thread that bounds its shutdown: started now rather than from the
+    signal handler, which only sets an event (module docstring). SIGALRM keeps its default action (end
+    the process): the thread's backstop, which needs no Python code to run."""
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    threading.Thread(target=_stop_within_grace, args=(CFG.shutdown_grace_s,), name="detops-shutdown-grace",
+                     daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _shutdown_began(**_: Any) -> None:
+    _shutting_down.set()
+
+
+def _stop_within_grace(grace_s: float) -> None:
+    """Once the shutdown began: drop the heartbeat (this worker consumes nothing more), give Celery
+    `grace_s` to finish, then kill the pool processes and exit (1) if it has not. Nothing here waits on
+    a lock another thread may hold (no logging: a raw write), and should this thread not run again (the
+    interpreter finalizing, the GIL held), the alarm armed first ends the process a second later."""
+    import psutil
+
+    _shutting_down.wait()
+    deadline = time.monotonic() + grace_s
+    signal.alarm(math.ceil(grace_s) + 1)
+    if _housekeeping is not None:
+        _housekeeping.stop(wait_s=0)
+    time.sleep(max(0.0, deadline - time.monotonic()))
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os.write(2, f"detops worker: still stopping {grace_s:g} s after the shutdown began (jobs.shutdown_grace_s): "
+                f"killed its {len(children)} pool processes, exiting; their chunks come back when their leases "
+                "expire\n".encode())
+    os._exit(1)
 
 
 def run_worker(*, concurrency: int | None = None, queues: list[str] | None = None, loglevel: str = "INFO") -> None:
