@@ -1,4 +1,4 @@
-"""Model verbs: train, tune, evaluate, quantize."""
+"""Model verbs: train, import, tune, evaluate, quantize."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import typer
 
 from pipelines.cli.common import app, user_errors
 from pipelines.config.base import load_section
-from pipelines.config.model import EvaluateConfig, QuantizeConfig, TrainConfig, TuneConfig
+from pipelines.config.model import EvaluateConfig, ImportConfig, QuantizeConfig, TrainConfig, TuneConfig
 from pipelines.errors import DetopsError
 
 
@@ -39,6 +39,31 @@ def train(
     result = run(cfg)
     best = ", ".join(f"{k.removeprefix('metrics/')}={v:.3f}" for k, v in result.metrics.items())
     typer.echo(f"run {result.run_id}: {result.model_dir} ({best})")
+
+
+@app.command(name="import", rich_help_panel="Model")
+@user_errors
+def import_model(
+    source: Annotated[Optional[Path], typer.Option(help="ultralytics .pt, or its ONNX export (fp32/fp16, "
+                                                  "static or dynamic batch, int8 QDQ)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="model folder: model.onnx, model_card.json (best.pt)")] = None,
+    labeling_config: Annotated[Optional[Path], typer.Option("--labeling-config", help="check or map the "
+                                                            "model's classes against this config, by name")] = None,
+    classes: Annotated[Optional[str], typer.Option(help="check (same names, same order) or map (pick and "
+                                                   "reorder the config's classes)")] = None,
+    imgsz: Annotated[Optional[int], typer.Option(help=".pt only: ONNX input size (default: its training size)")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment of the import's run")] = None,
+) -> None:
+    """Bring an existing ultralytics detector into a model folder; then evaluate, register, build as usual."""
+    from training.importer import import_model as run
+
+    cfg = load_section(ImportConfig, source=source, out=out, labeling_config=labeling_config, classes=classes,
+                       imgsz=imgsz, experiment=experiment)
+    result = run(cfg)
+    card = result.card
+    typer.echo(f"run {result.run_id}: {result.model_dir} ({card.source['format']} {card.source['file']}, "
+               f"{len(card.classes)} classes, imgsz {card.imgsz}, batch {card.source['batch']}, "
+               f"input {card.source['input_type']})")
 
 
 @app.command(rich_help_panel="Model")

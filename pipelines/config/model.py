@@ -38,6 +38,25 @@ class TrainConfig(Section):
     tags: dict[str, str] = {}  # extra MLflow run tags; `detops.*` ones are copied onto the model version
 
 
+class ImportConfig(Section):
+    """`detops import`: an existing ultralytics model (.pt, or its ONNX export: fp32/fp16, static or
+    dynamic batch, or an int8 QDQ copy) into a model folder that evaluate/register/build take as a
+    trained one (training/importer.py)."""
+
+    section: ClassVar[str] = "import"
+
+    source: Path | None = None  # the .pt or .onnx file (usually given on the command line)
+    out: Path = Path("models")
+    # The labeling config whose classes the model must have, by name; None: the model's own names.
+    labeling_config: Path | None = None
+    # check: the same names in the same order; map: the config's classes picked and reordered from the
+    # model's (a COCO model serving a 3-class project), an absent one is an error.
+    classes: Literal["check", "map"] = "check"
+    imgsz: int | None = Field(None, ge=32, multiple_of=32)  # .pt only: export size (None: its training size)
+    experiment: str = "detops"  # an MLflow run records the import; `detops.*` tags reach the registry
+    tags: dict[str, str] = {}
+
+
 class SearchDim(Section):
     """One dimension of the tuning search space: a float or int range, or a list of choices."""
 
