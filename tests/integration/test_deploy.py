@@ -387,9 +387,9 @@ def test_a_refused_version_never_stays_champion(project: Path, versions: dict[st
     registry.promote(NAME, versions["differs"])
     with Clients(_front_door()):
         refused = _detops_with(gated, "deploy", "rollout", versions["differs"])
+        assert refused.exit_code == 4 and "agreement check failed" in refused.output, refused.output
+        assert champion_problem(NAME, versions["differs"], live) == ""
         passed = _detops_with(gated, "deploy", "rollout", versions["inside"], "--detach")
-    assert refused.exit_code == 4 and "agreement check failed" in refused.output, refused.output
-    assert champion_problem(NAME, versions["differs"], live) == ""
     assert passed.exit_code == 0 and f"v{versions['inside']} is live" in passed.output, passed.output
     report = project / "reports" / f"rollout-{_deployer().state.rollouts(1)[0].id}.json"
     checks = {c["name"]: c for c in json.loads(report.read_text())["checks"]}
