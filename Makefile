@@ -8,7 +8,7 @@ STAMP := $(VENV)/.setup-stamp
 HOST ?= 127.0.0.1
 PORT ?= 3000
 
-.PHONY: k8s-schemas setup lock pipeline test test-unit mlflow-ui serve worker loadtest soak bench bench-jobs drift labelstudio loop-demo clean
+.PHONY: k8s-schemas setup lock lock-oip-clients oip-clients pipeline test test-unit mlflow-ui serve worker loadtest soak bench bench-jobs drift labelstudio loop-demo clean
 
 # The CRD schemas tests/unit/test_k8s.py validates deploy/k8s against (npm, pinned by package-lock.json).
 K8S_SCHEMAS := deploy/k8s/validate/node_modules/.installed
@@ -16,6 +16,11 @@ K8S_SCHEMAS := deploy/k8s/validate/node_modules/.installed
 # The real Label Studio server the feedback loop pushes to (its own venv: it wants pandas 3) and its
 # migrated template database: installed for the tests and the loop demo, not for the pipeline.
 LABEL_STUDIO := .venv-labelstudio/.installed
+
+# Open Inference Protocol clients nobody here wrote (tritonclient[http], kserve), in a venv of their own:
+# their protobuf, psutil, ml-dtypes and greenlet pins conflict with requirements.lock. The service's
+# tests run them as subprocesses (tests/oip_clients.py). Re-pin: make lock-oip-clients.
+OIP_CLIENTS := .venv-oip-clients/.installed
 
 setup: $(STAMP) $(K8S_SCHEMAS)
 
@@ -43,11 +48,25 @@ lock:
 	.venv-lock/bin/pip freeze --exclude-editable | grep -v '^-e ' > requirements.lock
 	rm -rf .venv-lock
 
+oip-clients: $(OIP_CLIENTS)
+
+$(OIP_CLIENTS): requirements-oip-clients.lock
+	rm -rf .venv-oip-clients && python3.11 -m venv .venv-oip-clients
+	.venv-oip-clients/bin/pip install --quiet --no-deps -r requirements-oip-clients.lock
+	@touch $@
+
+lock-oip-clients:
+	rm -rf .venv-lock-oip && python3.11 -m venv .venv-lock-oip
+	.venv-lock-oip/bin/pip install --quiet --upgrade "pip>=24"
+	.venv-lock-oip/bin/pip install --quiet "tritonclient[http]==2.73.0" "kserve==0.21.0"
+	.venv-lock-oip/bin/pip freeze > requirements-oip-clients.lock
+	rm -rf .venv-lock-oip
+
 # dvc.yaml calls `detops ...`: put the venv's console scripts first on PATH.
 pipeline: setup
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-test: setup $(LABEL_STUDIO)
+test: setup $(LABEL_STUDIO) $(OIP_CLIENTS)
 	$(PY) -m pytest
 
 test-unit: setup
@@ -108,4 +127,4 @@ loop-demo: labelstudio
 	$(PY) -m monitoring.loop
 
 clean:
-	rm -rf $(VENV) .venv-labelstudio .cache deploy/k8s/validate/node_modules
+	rm -rf $(VENV) .venv-labelstudio .venv-oip-clients .cache deploy/k8s/validate/node_modules

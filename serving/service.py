@@ -7,6 +7,8 @@ requests (and the images of one /detect_batch call) run as one ONNX batch, and e
 post-processes its own slice with its own thresholds. Settings: params.yaml `serve:` and
 DETOPS_SERVE_* variables (serving/settings.py); the model: `detops build` (serving/build.py).
 Durable jobs (`/jobs`, run by `detops worker` processes) are a FastAPI app of serving/jobs/ mounted here.
+The Open Inference Protocol (`/v2/...`, KServe V2 / Triton REST) is a Starlette app of
+serving/inference_protocol.py mounted here; its inference runs through `_predict` like /detect.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from serving.gateway import docs as api_docs  # noqa: E402
 from serving.gateway.middleware import Gateway  # noqa: E402
 from serving.guard import REQUEST_TRAFFIC, RequestGuard  # noqa: E402
 from serving.imaging import RequestRejected, check_size, decode_image, decode_rgb  # noqa: E402
+from serving import inference_protocol  # noqa: E402
 from serving.jobs import api as jobs_api  # noqa: E402
 from serving.render import draw_detections, encode_jpeg  # noqa: E402
 from serving.runtime import InvalidParams, LetterboxMeta, ModelRuntime, PredictParams  # noqa: E402
@@ -86,6 +89,7 @@ class _Prepared:
 
 
 @bentoml.asgi_app(jobs_api.app, path="/")  # POST/GET/DELETE /jobs...: durable jobs (serving/jobs/api.py)
+@bentoml.asgi_app(inference_protocol.app, path="/")  # /v2...: Open Inference Protocol (KServe V2, Triton)
 @bentoml.service(name="detector", workers=CFG.workers, traffic={"timeout": CFG.timeout_s})
 class Detector:
     """Object detection with a calibrated YOLO model imported from the MLflow registry."""

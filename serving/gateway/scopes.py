@@ -1,15 +1,16 @@
 """Which routes need a key, and which scope each needs.
 
-Public (no key): the probes, /metrics (it holds no tenant data: labels are model, reason, result),
-and the API's documentation (`/`, `/docs.json`, Swagger UI's local assets). Everything else needs a
-key; a route not listed here needs `admin` (deny by default: a route added later is closed until it
-is given a scope here).
+Public (no key): the probes (the Open Inference Protocol's /v2/health/* too), /metrics (it holds no
+tenant data: labels are model, reason, result), and the API's documentation (`/`, `/docs.json`,
+Swagger UI's local assets). Everything else needs a key; a route not listed here needs `admin` (deny by
+default: a route added later is closed until it is given a scope here).
 """
 
 from __future__ import annotations
 
 SCOPES = ("detect", "jobs:write", "jobs:read", "admin")
-PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/", "/docs.json"})
+PUBLIC_PATHS = frozenset({"/livez", "/readyz", "/healthz", "/metrics", "/", "/docs.json",
+                          "/v2/health/live", "/v2/health/ready"})
 PUBLIC_PREFIXES = ("/static_content/",)
 
 _ROUTES: dict[tuple[str, str], str] = {
@@ -30,6 +31,8 @@ def required_scope(method: str, path: str) -> str:
     scope = _ROUTES.get((method, path))
     if scope is not None:
         return scope
+    if path in ("/v2", "/v2/") or path.startswith("/v2/models/"):  # Open Inference Protocol: metadata, infer
+        return "detect"
     if path.startswith("/jobs/"):
         if method in ("GET", "HEAD"):
             return "jobs:read"

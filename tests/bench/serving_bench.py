@@ -20,9 +20,12 @@ JPEGs (sizes as params.yaml `synthesize:`):
     the served throughput (open loop).
 (e) cache hit: the service with its cache on, one ~137 KB JPEG sent again and again on one keep-alive
     connection (wrk, raw body and multipart): p50/p95.
+(f) Open Inference Protocol: the same service, one image per request through `/v2/models/NAME/infer`
+    (binary BYTES tensor, wrk mode v2) vs /detect with the raw body: images/s and single-request p50.
 
 Targets (printed as pass/miss, never asserted): served >= 0.85 x raw machine at 640 and >= 0.6 x at
-160; served >= 3 x naive at 640; p95 at half load <= 2 x single-request p50; cache-hit p95 <= 5 ms.
+160; served >= 3 x naive at 640; p95 at half load <= 2 x single-request p50; cache-hit p95 <= 5 ms;
+/v2 infer images/s >= 0.9 x and single p50 <= 1.1 x /detect's.
 Writes reports/bench/serving.json (machine, `rows`, cache hit, targets). About 10 minutes on 2 cores.
 """
 
@@ -52,6 +55,7 @@ TARGET_SERVED_OVER_RAW = {640: 0.85, 160: 0.6}
 TARGET_SERVED_OVER_NAIVE = {640: 3.0}
 TARGET_HALF_LOAD_P95_OVER_SINGLE = 2.0
 TARGET_CACHE_HIT_P95_MS = 5.0
+TARGET_V2_WITHIN = 0.10  # /v2/.../infer (binary) vs /detect: images/s and single-request p50 within 10 %
 CACHE_HIT_JPEG_BYTES = 137_000
 
 
@@ -145,13 +149,23 @@ def run_wrk(url: str, files: list[Path], mode: str, connections: int, seconds: f
 
 
 # --------------------------------------------------------------------------- (b, c) HTTP client
-async def _post(client, url: str, data: bytes, index: int) -> tuple[float, bool]:
+async def _post(client, url: str, data: bytes, index: int, mode: str = "multipart") -> tuple[float, bool]:
+    """One request: /detect multipart, or (mode `v2`) an Open Inference Protocol binary BYTES tensor."""
     import httpx
 
     start = time.perf_counter()
     try:
-        resp = await client.post(url, files={"image": (f"bench_{index}.jpg", data, "image/jpeg")})
-        ok = resp.status_code == 200 and isinstance(resp.json().get("detections"), list)
+        if mode == "v2":
+            header = json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                             "parameters": {"binary_data_size": len(data) + 4}}],
+                                 "parameters": {"binary_data_output": True}}).encode()
+            resp = await client.post(url, content=header + len(data).to_bytes(4, "little") + data,
+                                     headers={"Inference-Header-Content-Length": str(len(header)),
+                                              "Content-Type": "application/octet-stream"})
+            ok = resp.status_code == 200 and "inference-header-content-length" in resp.headers
+        else:
+            resp = await client.post(url, files={"image": (f"bench_{index}.jpg", data, "image/jpeg")})
+            ok = resp.status_code == 200 and isinstance(resp.json().get("detections"), list)
     except httpx.HTTPError:
         ok = False
     return time.perf_counter() - start, ok
@@ -163,7 +177,8 @@ def _latency_stats(latencies: list[float], ok: int, failed: int, wall: float) ->
             "p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "wall_s": wall}
 
 
-async def closed_loop(url: str, images: list[bytes], concurrency: int, n_requests: int, max_seconds: float) -> dict:
+async def closed_loop(url: str, images: list[bytes], concurrency: int, n_requests: int, max_seconds: float,
+                      mode: str = "multipart") -> dict:
     """`concurrency` clients each sending its next request as soon as the last one answered, until
     `n_requests` were sent or `max_seconds` passed; latency of successful requests only."""
     import httpx
@@ -174,14 +189,14 @@ async def closed_loop(url: str, images: list[bytes], concurrency: int, n_request
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits, headers=auth_headers()) as client:
         for i in range(concurrency):  # warm-up: one request per connection, not measured
-            await _post(client, url, images[i % len(images)], i)
+            await _post(client, url, images[i % len(images)], i, mode)
         deadline = time.perf_counter() + max_seconds
 
         async def worker() -> None:
             for index in next_index:
                 if time.perf_counter() > deadline:
                     return
-                seconds, ok = await _post(client, url, images[index % len(images)], index)
+                seconds, ok = await _post(client, url, images[index % len(images)], index, mode)
                 counts["ok" if ok else "failed"] += 1
                 if ok:
                     latencies.append(seconds)
@@ -219,6 +234,27 @@ def latency(url: str, images: list[bytes], served_rate: float, seconds: float) -
     half = asyncio.run(paced(url, images, rate, max(10, int(rate * seconds))))
     return {"single": single, "half_load": half,
             "p95_half_load_over_p50_single": half["p95_ms"] / single["p50_ms"] if single["p50_ms"] else None}
+
+
+def open_inference_row(base_url: str, files: list[Path], jpegs: list[bytes], detect_load: dict, detect_latency: dict,
+                       args: argparse.Namespace) -> dict:
+    """One image per request through the Open Inference Protocol (`/v2/models/NAME/infer`, binary BYTES
+    tensor) vs /detect with the image as raw body (`detect_load`) on the same service: images/s under the
+    same wrk load and single-request p50, and their ratios (target: each within 10 % of /detect's)."""
+    import httpx
+
+    name = httpx.post(base_url + "/detect", content=jpegs[0], headers={"Content-Type": "image/jpeg", **auth_headers()},
+                      timeout=60).json()["model"]["name"]
+    url = f"{base_url}/v2/models/{name}/infer"
+    load = run_wrk(url, files, "v2", args.connections, args.seconds)
+    single = asyncio.run(closed_loop(url, jpegs, 1, 10_000, args.latency_seconds, mode="v2"))
+    print(f"  open inference protocol (binary, {load['connections']} conn): {load['images_per_s']:.1f} img/s "
+          f"vs /detect raw {detect_load['images_per_s']:.1f}; single p50 {single['p50_ms']:.1f} ms vs "
+          f"{detect_latency['single']['p50_ms']:.1f} ms", flush=True)
+    return {"v2_images_per_s": load["images_per_s"], "v2_p50_single_ms": single["p50_ms"],
+            "v2_over_detect_images_per_s": load["images_per_s"] / detect_load["images_per_s"],
+            "v2_over_detect_p50_single": single["p50_ms"] / detect_latency["single"]["p50_ms"],
+            "v2_load": load, "v2_single": single}
 
 
 @contextmanager
@@ -329,6 +365,7 @@ def run(args: argparse.Namespace) -> dict:
                 loads = [run_wrk(url, files, mode, args.connections, args.seconds) for mode in ("raw", "multipart")]
                 best = max(loads, key=lambda r: r["images_per_s"])
                 lat = latency(url, jpegs, best["images_per_s"], args.latency_seconds)
+                v2 = open_inference_row(server.url, files, jpegs, loads[0], lat, args)
             for load in loads:
                 print(f"  served ({load['mode']}, {load['connections']} conn): {load['images_per_s']:.1f} img/s, "
                       f"p50 {load['p50_ms']:.0f} ms, p95 {load['p95_ms']:.0f} ms, client CPU "
@@ -352,7 +389,7 @@ def run(args: argparse.Namespace) -> dict:
                 "served_over_naive": best["images_per_s"] / naive["images_per_s"] if naive["images_per_s"] else None,
                 "p50_single_ms": lat["single"]["p50_ms"], "p95_half_load_ms": lat["half_load"]["p95_ms"],
                 "p95_half_load_over_p50_single": lat["p95_half_load_over_p50_single"],
-                "client_cpu_share": best["client_cpu_share"],
+                "client_cpu_share": best["client_cpu_share"], **v2,
                 "raw": raw, "served_loads": loads, "naive": naive, "latency": lat,
             })
         print(f"[{time.perf_counter() - started:4.0f}s] cache hit", flush=True)
@@ -403,6 +440,12 @@ def summarize(rows: list[dict], cache: dict, model: dict, seconds: float) -> dic
             targets.append({"what": f"served / naive ({label})", "value": row["served_over_naive"],
                             "target": f">= {TARGET_SERVED_OVER_NAIVE[size]}",
                             "pass": (row["served_over_naive"] or 0) >= TARGET_SERVED_OVER_NAIVE[size]})
+        targets.append({"what": f"/v2 infer / detect images/s ({label})", "value": row["v2_over_detect_images_per_s"],
+                        "target": f">= {1 - TARGET_V2_WITHIN}",
+                        "pass": row["v2_over_detect_images_per_s"] >= 1 - TARGET_V2_WITHIN})
+        targets.append({"what": f"/v2 infer / detect p50 single ({label})", "value": row["v2_over_detect_p50_single"],
+                        "target": f"<= {1 + TARGET_V2_WITHIN}",
+                        "pass": row["v2_over_detect_p50_single"] <= 1 + TARGET_V2_WITHIN})
         value = row["p95_half_load_over_p50_single"]
         targets.append({"what": f"p95 half load / p50 single ({label})", "value": value,
                         "target": f"<= {TARGET_HALF_LOAD_P95_OVER_SINGLE}",
@@ -424,7 +467,8 @@ def print_report(report: dict) -> None:
                   f"load average at the end {m['load_average_at_end']}")
     table = Table(title="serving vs the machine's engine (images/s)")
     for col in ("imgsz", "precision", "raw machine (decode incl.)", "raw (decode excl.)", "served", "body",
-                "naive", "served/raw", "served/naive", "p50 single ms", "p95 half ms", "p95half/p50", "wrk CPU %"):
+                "naive", "served/raw", "served/naive", "p50 single ms", "p95 half ms", "p95half/p50", "wrk CPU %",
+                "/v2 infer", "/v2 p50 ms"):
         table.add_column(col, justify="right")
     for r in report["rows"]:
         table.add_row(str(r["imgsz"]), r["precision"], f"{r['raw_machine_images_per_s']:.1f}",
@@ -433,7 +477,8 @@ def print_report(report: dict) -> None:
                       f"{r['served_over_naive']:.2f}" if r["served_over_naive"] else "-",
                       f"{r['p50_single_ms']:.1f}", f"{r['p95_half_load_ms']:.1f}",
                       f"{r['p95_half_load_over_p50_single']:.2f}" if r["p95_half_load_over_p50_single"] else "-",
-                      f"{100 * r['client_cpu_share']:.1f}")
+                      f"{100 * r['client_cpu_share']:.1f}", f"{r['v2_images_per_s']:.1f}",
+                      f"{r['v2_p50_single_ms']:.1f}")
     console.print(table)
     c = report["cache_hit"]
     console.print(f"cache hit, {c['jpeg_bytes']} B JPEG, one keep-alive connection: raw body p50 "

@@ -1,9 +1,10 @@
 -- wrk script for POST /detect: cycles through image files, sent as multipart/form-data (field
--- `image`) or as the raw request body (Content-Type image/jpeg), and prints one JSON line of
+-- `image`) or as the raw request body (Content-Type image/jpeg), or for POST /v2/models/NAME/infer
+-- as one BYTES tensor with the binary tensor data extension (mode v2), and prints one JSON line of
 -- results at the end (requests, errors, latency percentiles in ms).
--- Usage: wrk -t1 -c8 -d10s -s wrk_detect.lua URL -- multipart|raw FILE...
+-- Usage: wrk -t1 -c8 -d10s -s wrk_detect.lua URL -- multipart|raw|v2 FILE...
 -- The API key comes from DETOPS_API_KEY (as for every client of the repository).
-local bodies, content_types, counter = {}, {}, 0
+local bodies, content_types, header_lengths, counter = {}, {}, {}, 0
 local api_key = os.getenv("DETOPS_API_KEY")
 local boundary = "detops-bench-boundary"
 
@@ -21,6 +22,15 @@ function init(args)
     if mode == "raw" then
       bodies[#bodies + 1] = data
       content_types[#content_types + 1] = "image/jpeg"
+    elseif mode == "v2" then
+      -- Open Inference Protocol, binary tensor data: a JSON header, then one BYTES element (length, bytes).
+      local n = #data
+      local header = '{"inputs":[{"name":"image","datatype":"BYTES","shape":[1],"parameters":' ..
+        '{"binary_data_size":' .. (n + 4) .. '}}],"parameters":{"binary_data_output":true}}'
+      bodies[#bodies + 1] = header .. string.char(n % 256, math.floor(n / 256) % 256,
+        math.floor(n / 65536) % 256, math.floor(n / 16777216) % 256) .. data
+      content_types[#content_types + 1] = "application/octet-stream"
+      header_lengths[#bodies] = tostring(#header)
     else
       bodies[#bodies + 1] = "--" .. boundary .. "\r\n" ..
         'Content-Disposition: form-data; name="image"; filename="bench.jpg"\r\n' ..
@@ -35,6 +45,9 @@ end
 function request()
   counter = counter % #bodies + 1
   local headers = {["Content-Type"] = content_types[counter]}
+  if header_lengths[counter] then
+    headers["Inference-Header-Content-Length"] = header_lengths[counter]
+  end
   if api_key and api_key ~= "" then
     headers["Authorization"] = "Bearer " .. api_key
   end
