@@ -60,27 +60,15 @@ def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, quantize_cfg: Qu
         raise DetopsError(f"{cfg.model_dir / CARD_FILE}: no run_id (train the model with `detops train`)")
     if not (cfg.model_dir / MODEL_FILE).is_file():
         raise DetopsError(f"{cfg.model_dir}: no {MODEL_FILE} (train the model with `detops train`)")
-    metrics = load_metrics(cfg.evaluation / "metrics.json")
     mlflow_client = registry.client()
     run = _training_run(mlflow_client, card.run_id)
     name = cfg.model_name
 
     champion = registry.alias_version(name, CHAMPION, mlflow_client)
-    comparison = None
-    slices: dict[str, ChampionComparison] = {}
-    notes = []
-    _check_target_slices(cfg, evaluate_cfg)
-    if champion is None:
-        notes.append(f"no version of {name} is {CHAMPION} yet: the regression check passes")
-    else:
-        champion_runtime = _champion_runtime(cfg.model_name, champion)
-        comparison = compare_with_champion(cfg, evaluate_cfg, champion, metrics["map50_95"], champion_runtime)
-        slices = compare_slices_with_champion(cfg, evaluate_cfg, champion, champion_runtime)
+    report = judge(cfg, evaluate_cfg, champion)
     if decision is not None:
-        notes.append(f"variant {decision.chosen}: {decision.reason}")
-    report = GateReport(name, check_gates(metrics, cfg.gates, comparison, slices), champion_before=champion,
-                        champion_after=champion, comparison=comparison, notes=notes, slices=slices,
-                        variant=decision.to_dict() if decision else None)
+        report.notes.append(f"variant {decision.chosen}: {decision.reason}")
+        report.variant = decision.to_dict()
 
     version = _log_and_register(cfg, card, card.run_id)
     report.version = version
@@ -92,7 +80,7 @@ def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, quantize_cfg: Qu
         registry.set_champion(name, version, reason="gates", mlflow_client=mlflow_client)
         report.champion_after = version
     report.write(gates_dir / GATES_FILE)
-    if comparison is not None and slices:
+    if report.comparison is not None and report.slices:
         _plot_against_champion(report, gates_dir / COMPARISON_PLOT)
 
     console = Console()
@@ -103,6 +91,25 @@ def register(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, quantize_cfg: Qu
         console.print(f"[red]{name} v{version} registered as @{CHALLENGER}, not promoted: "
                       f"@{CHAMPION} stays at {_v(champion)}[/red]")
     return report
+
+
+def judge(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, champion: str | None) -> GateReport:
+    """The gates on the evaluated model of `cfg` against version `champion` of `cfg.model_name` (None: no
+    champion yet), registering nothing: what `register` acts on, and how the monitoring loop judges a
+    challenger against a version that is no longer `@champion`."""
+    metrics = load_metrics(cfg.evaluation / "metrics.json")
+    comparison = None
+    slices: dict[str, ChampionComparison] = {}
+    notes = []
+    _check_target_slices(cfg, evaluate_cfg)
+    if champion is None:
+        notes.append(f"no version of {cfg.model_name} is {CHAMPION} yet: the regression check passes")
+    else:
+        champion_runtime = _champion_runtime(cfg.model_name, champion)
+        comparison = compare_with_champion(cfg, evaluate_cfg, champion, metrics["map50_95"], champion_runtime)
+        slices = compare_slices_with_champion(cfg, evaluate_cfg, champion, champion_runtime)
+    return GateReport(cfg.model_name, check_gates(metrics, cfg.gates, comparison, slices), champion_before=champion,
+                      champion_after=champion, comparison=comparison, notes=notes, slices=slices)
 
 
 def compare_with_champion(cfg: RegisterConfig, evaluate_cfg: EvaluateConfig, champion: str,

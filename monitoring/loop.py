@@ -6,10 +6,12 @@ deployment stack (nginx front door, blue/green BentoML colours, deploy/rollout.p
 Label Studio with pre-annotations -> annotations (the generator's ground truth stands in for
 annotators) -> `pull` -> ingest old + new, the held-out part of the feedback batch becoming the target
 slice -> validate -> augment -> train (fine-tuned from the champion's weights) -> evaluate with the slice
--> register: the gates pass only if the target slice improved (95% CI lower end >= the margin) without a
-regression on the base split -> `@champion` moves -> the watcher rolls it out blue/green -> the same recipe
-from only a few of the labels, refused by the same gates against the new champion, which stays live -> the
-same kind of traffic again -> drift of the new version's records only (the store filters by version).
+-> register: the gates pass only if the target slice improved (95% CI lower end >= the margin) and the
+base split's 95% CI lower end is >= -`max_map_regression` -> `@champion` moves and the watcher rolls it
+out blue/green, or the summary says which gate refused it and with what interval -> the same recipe from
+only a few of the labels, judged by the same gates against the same champion (a verdict, not registered)
+-> the same kind of traffic again -> drift of the live version's records only (the store filters by
+version).
 
 Outputs in `loop.out`: summary.json (keys scripts read), summary.md (the story, with the plots), the
 plots, both drift reports and the gate verdict; the work folder holds everything else.
@@ -95,7 +97,8 @@ class LoopResult:
     rollout: dict[str, Any] = field(default_factory=dict)
     drift: dict[str, DriftSummary] = field(default_factory=dict)
     live_after: str = ""
-    refused: dict[str, Any] = field(default_factory=dict)  # the few-label challenger (loop.few_labels)
+    intervals: dict[str, dict[str, float]] = field(default_factory=dict)  # Attempt.intervals of the challenger
+    few_labels: dict[str, Any] = field(default_factory=dict)  # the few-label challenger (loop.few_labels)
     steps: list[tuple[str, float]] = field(default_factory=list)  # (step, seconds)
     seconds: float = 0.0
 
@@ -103,7 +106,7 @@ class LoopResult:
         return {
             "map50_95": self.map50_95, "gates_passed": self.gates_passed, "gates": self.gate_checks,
             "champion_before": self.champion_before, "challenger": self.challenger, "live_after": self.live_after,
-            "rollout": self.rollout, "few_labels": self.refused,
+            "intervals": self.intervals, "rollout": self.rollout, "few_labels": self.few_labels,
             "drift": {k: {"detected": d.detected, "drifted_share": d.drifted_share,
                           "prediction_drifted_share": d.prediction_drifted_share,
                           "prediction_tested": d.prediction_tested, "drifted": d.drifted,
@@ -241,10 +244,11 @@ def run_loop(cfg: LoopConfig, base: Base, say: Callable[[str], None] = print) ->
             say(f"7. a challenger from all {result.annotated} labels, fine-tuned from "
                 f"v{result.champion_before}'s weights:")
             model_all, ds_all, attempt_all = _retrain(cfg, base, work, pulled, "all", result.batch_id, say)
-            report = _register_challenger(cfg, work, model_all, ds_all, work / "slice-all", "all", attempt_all, say)
+            report = _gate_challenger(cfg, work, model_all, ds_all, work / "slice-all", "all", attempt_all, say)
             result.held_out, result.trained_on = attempt_all.held_out, attempt_all.trained_on
             result.challenger, result.gates_passed = attempt_all.version, attempt_all.gates_passed
             result.gate_checks, result.map50_95 = attempt_all.checks, attempt_all.map50_95
+            result.intervals = attempt_all.intervals
             t = _timed(result, "challenger from all labels", t)
 
             line = watcher.check()
@@ -262,20 +266,19 @@ def run_loop(cfg: LoopConfig, base: Base, say: Callable[[str], None] = print) ->
             t = _timed(result, "rollout", t)
 
             if cfg.few_labels:
-                # The same recipe (the base model's weights, the same held-out slice by the same content-hash
-                # rule) from only a few of the labels, judged by the same gates against the champion now live.
+                # The question this ending answers: would a handful of labels have beaten the champion the
+                # whole batch was judged against? The same recipe (the base model's weights, the same
+                # held-out slice by the same content-hash rule) from only a few of the labels, judged by the
+                # same gates against v1 whichever version is live now; a verdict only, nothing registered.
                 held = set(json.loads((work / "slice-all" / "slice.json").read_text())["content_hashes"])
                 few = subset_export(pulled, cfg.few_labels, held, work / "pulled-few")
-                say(f"9. the same recipe from only {cfg.few_labels} of the labels:")
+                say(f"9. the same recipe from only {cfg.few_labels} of the labels, judged against "
+                    f"v{result.champion_before} like the whole batch (a verdict only, not registered):")
                 model_few, ds_few, attempt_few = _retrain(cfg, base, work, few, "few", result.batch_id + "-few", say)
-                report_few = _register_challenger(cfg, work, model_few, ds_few, work / "slice-all", "few", attempt_few,
-                                                  say)
-                few_line = watcher.check()
+                _gate_challenger(cfg, work, model_few, ds_few, work / "slice-all", "few", attempt_few, say,
+                                 against=result.champion_before)
                 live = deployer.state.stack().live_version
-                attempt_few.champion_after = str(report_few.champion_after)
-                result.refused = {**asdict(attempt_few), "champion_before": str(report_few.champion_before),
-                                  "live_after": live, "watcher": few_line}
-                say(f"   watcher: {few_line}")
+                result.few_labels = {**asdict(attempt_few), "live_after": live}
                 t = _timed(result, "challenger from few labels", t)
             result.live_after = live or ""
 
@@ -309,7 +312,7 @@ def _evaluate_cfg(cfg: LoopConfig, model_dir: Path, dataset: Path, out: Path, sl
                           smoke_images=4, experiment=cfg.experiment, slices=slices or {})
 
 
-def _gates(cfg: LoopConfig, targets: list[str]) -> Any:
+def loop_gates(cfg: LoopConfig, targets: list[str]) -> Any:
     """The loop's gates: no regression on the base split beyond `max_map_regression` and a CI-backed
     gain on the target slice; the absolute thresholds are the base model's floor only (a tiny CPU model
     is not judged against production latency and calibration targets)."""
@@ -334,7 +337,7 @@ def _register_base(cfg: LoopConfig, base: Base, work: Path) -> tuple[str, dict]:
         raise DetopsError(f"loop: the base model's mAP@.5:.95 is {metrics['map50_95']:.3f} < loop.min_base_map "
                           f"{cfg.min_base_map}: train it longer (loop.base_epochs) or on more images")
     report = register(RegisterConfig(model_name=cfg.model_name, model_dir=model_dir, evaluation=work / "evaluate0",
-                                     dataset=base.dataset, gates=_gates(cfg, [])), evaluate_cfg)
+                                     dataset=base.dataset, gates=loop_gates(cfg, [])), evaluate_cfg)
     if not report.promoted:
         raise DetopsError(f"loop: {cfg.model_name} already has a champion (v{report.champion_before}): use a fresh "
                           "registry or another loop.model_name")
@@ -444,10 +447,13 @@ class Attempt:
     labels: int
     held_out: int
     trained_on: int
-    version: str = ""
+    version: str = ""  # its registry version; "" when only judged (the few-label challenger)
+    champion: str = ""  # the version it was judged against
     gates_passed: bool = False
     checks: dict[str, Any] = field(default_factory=dict)
     map50_95: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Per split, the paired-bootstrap mAP delta against `champion` and its 95% interval.
+    intervals: dict[str, dict[str, float]] = field(default_factory=dict)
     champion_after: str = ""
 
 
@@ -512,38 +518,55 @@ def _retrain(cfg: LoopConfig, base: Base, work: Path, export: Path, name: str, b
     return work / f"model-{name}", dataset, attempt
 
 
-def _register_challenger(cfg: LoopConfig, work: Path, model_dir: Path, dataset: Path, target: Path, name: str,
-                         attempt: Attempt, say: Callable[[str], None]) -> Any:
-    """Evaluate the new model on the base split and the target slice `target`, register it through the
-    gates; fills `attempt`."""
+def _gate_challenger(cfg: LoopConfig, work: Path, model_dir: Path, dataset: Path, target: Path, name: str,
+                     attempt: Attempt, say: Callable[[str], None], against: str | None = None) -> Any:
+    """Evaluate the new model on the base split and the target slice `target`, then the gates: against
+    `@champion` through `register` (registered, promoted if they pass), or with `against`, against that
+    version with nothing registered or moved (`evaluation.register.judge`). Fills `attempt`."""
     from evaluation.evaluate import evaluate
-    from evaluation.register import register
+    from evaluation.register import GATES_FILE, judge, register
     from pipelines.config.model import RegisterConfig
 
     slices = {TARGET: {"dataset": target, "split": "test"}}
     evaluation = work / f"evaluate-{name}"
     evaluate_cfg = _evaluate_cfg(cfg, model_dir, dataset, evaluation, slices)
     evaluate(evaluate_cfg)
-    report = register(RegisterConfig(model_name=cfg.model_name, model_dir=model_dir, evaluation=evaluation,
-                                     dataset=dataset, gates=_gates(cfg, [TARGET])), evaluate_cfg)
+    register_cfg = RegisterConfig(model_name=cfg.model_name, model_dir=model_dir, evaluation=evaluation,
+                                  dataset=dataset, gates=loop_gates(cfg, [TARGET]))
+    if against is None:
+        report = register(register_cfg, evaluate_cfg)
+    else:
+        report = judge(register_cfg, evaluate_cfg, against)
+        report.write(evaluation / GATES_FILE)
     base, sliced = report.comparison, report.slices[TARGET]
-    attempt.version, attempt.gates_passed = str(report.version), report.passed
-    attempt.champion_after = str(report.champion_after)
+    attempt.version, attempt.gates_passed = str(report.version or ""), report.passed
+    attempt.champion, attempt.champion_after = str(report.champion_before), str(report.champion_after)
     attempt.checks = {c.name: {"passed": c.passed, "value": c.value, "threshold": c.threshold} for c in report.checks}
     attempt.map50_95 = {"base": {"before": base.champion_map50_95, "after": base.challenger_map50_95},
                         "target": {"before": sliced.champion_map50_95, "after": sliced.challenger_map50_95}}
-    failed = [c.name for c in report.checks if not c.passed]
-    say(f"   base split mAP@.5:.95 {base.champion_map50_95:.3f} -> {base.challenger_map50_95:.3f} "
-        f"(delta {base.delta:+.3f}, CI [{base.ci_low:+.3f}, {base.ci_high:+.3f}], allowed -{cfg.max_map_regression})")
+    attempt.intervals = {split: {"delta": c.delta, "ci_low": c.ci_low, "ci_high": c.ci_high}
+                         for split, c in (("base", base), ("target", sliced))}
+    say(f"   against v{report.champion_before}: base split mAP@.5:.95 {base.champion_map50_95:.3f} -> "
+        f"{base.challenger_map50_95:.3f} (delta {base.delta:+.3f}, CI [{base.ci_low:+.3f}, {base.ci_high:+.3f}], "
+        f"lower end must be >= -{cfg.max_map_regression})")
     say(f"   `{TARGET}` slice mAP@.5:.95 {sliced.champion_map50_95:.3f} -> {sliced.challenger_map50_95:.3f} "
         f"(delta {sliced.delta:+.3f}, CI [{sliced.ci_low:+.3f}, {sliced.ci_high:+.3f}], lower end must be >= "
         f"{cfg.min_target_improvement})")
-    verdict = (f"PASSED: @champion -> v{report.version}" if report.passed
-               else f"FAILED ({', '.join(failed)}): @champion stays v{report.champion_before}")
-    say(f"   gates {verdict}")
-    if report.passed:
-        shutil.copy2(evaluation / "gates.json", work / "gates.json")
+    say(f"   gates {verdict_line(attempt.checks, attempt.champion)}"
+        + (f": @champion -> v{report.version}" if report.promoted else ""))
     return report
+
+
+def verdict_line(checks: dict[str, dict[str, Any]], champion: str) -> str:
+    """What the gates decided against `champion` and why: each failed check with the value it read."""
+    failed = [f"{name} {c['value']:+.3f} < {c['threshold']:+.3f}" for name, c in checks.items() if not c["passed"]]
+    if not failed:
+        return f"PASSED against v{champion}"
+    return f"REFUSED against v{champion} ({'; '.join(failed)})"
+
+
+def _interval(c: dict[str, float]) -> str:
+    return f"delta {c['delta']:+.3f}, 95% CI [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}]"
 
 
 def write_summary(cfg: LoopConfig, result: LoopResult, work: Path) -> Path:
@@ -604,24 +627,31 @@ def summary_markdown(cfg: LoopConfig, result: LoopResult, plots: list[tuple[str,
              "| | champion (before) | challenger (after) |", "|---|---|---|"]
     for name in ("base", "target"):
         if name in m:
-            lines.append(f"| mAP@.5:.95 {name} | {m[name]['before']:.3f} | {m[name]['after']:.3f} |")
+            lines.append(f"| mAP@.5:.95 {name} | {m[name]['before']:.3f} | {m[name]['after']:.3f} "
+                         f"({_interval(result.intervals[name])}) |")
     for key in ("before", "after"):
         d = result.drift.get(key)
         if d:
             lines.append(f"| drift {key} (v{d.version}) | {'drift' if d.detected else 'no drift'}, "
                          f"share {d.drifted_share:.2f}, prediction share {_share(d.prediction_drifted_share)} "
                          f"of {len(d.prediction_tested)} tested | |")
-    if result.refused:
-        r = result.refused
-        lines += ["", f"Then the same recipe from only {r['trained_on']} training labels (v{r['version']}), against "
-                      f"the live v{r['champion_before']}: target slice {r['map50_95']['target']['before']:.3f} -> "
-                      f"{r['map50_95']['target']['after']:.3f}, base {r['map50_95']['base']['before']:.3f} -> "
-                      f"{r['map50_95']['base']['after']:.3f}; gates {'passed' if r['gates_passed'] else 'refused it'} "
-                      f"({', '.join(k for k, v in r['checks'].items() if not v['passed']) or 'none failed'}), "
-                      f"v{r['live_after']} stayed live."]
-    checks = ", ".join(f"{k}: {'pass' if v['passed'] else 'FAIL'}" for k, v in result.gate_checks.items())
-    lines += ["", f"Gates: {'passed' if result.gates_passed else 'failed'} ({checks}).",
-              f"Rollout: {json.dumps(result.rollout)}; live after: v{result.live_after}.", ""]
+    if result.gate_checks:
+        ending = (f"promoted: @champion -> v{result.challenger}, rollout {result.rollout.get('verdict')}"
+                  if result.gates_passed else
+                  f"not promoted: @champion stays v{result.champion_before}, nothing rolled out")
+        lines += ["", f"**The challenger from all labels (v{result.challenger}): gates "
+                      f"{verdict_line(result.gate_checks, result.champion_before)}; {ending}.** The base split's "
+                      f"lower end must be >= -{cfg.max_map_regression}, the `{TARGET}` slice's >= "
+                      f"{cfg.min_target_improvement}."]
+    if result.few_labels:
+        r = result.few_labels
+        lines += ["", f"**The same recipe from only {r['trained_on']} training labels, judged against "
+                      f"v{r['champion']} like the whole batch: gates {verdict_line(r['checks'], r['champion'])}** "
+                      f"(a verdict only, not registered): `{TARGET}` slice {r['map50_95']['target']['before']:.3f} -> "
+                      f"{r['map50_95']['target']['after']:.3f} ({_interval(r['intervals']['target'])}), base "
+                      f"{r['map50_95']['base']['before']:.3f} -> {r['map50_95']['base']['after']:.3f} "
+                      f"({_interval(r['intervals']['base'])}); v{r['live_after']} stayed live."]
+    lines += ["", f"Rollout: {json.dumps(result.rollout)}; live after: v{result.live_after}.", ""]
     before, after = result.drift.get("before"), result.drift.get("after")
     if before and after:
         lines += [f"Still drifting after the rollout: {', '.join(after.drifted) or 'none'}.",

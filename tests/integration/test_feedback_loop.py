@@ -1,11 +1,10 @@
 """The monitoring loop closed with evidence, at tiny sizes, with real components: the deployment stack
 (nginx + blue/green BentoML colours), a real Label Studio server, real training, evaluation with the
 target slice, the gates and the watcher's rollout (monitoring/loop.py; `make loop-demo` runs it at
-demo size). One run, both endings: a challenger from too few labels is refused by the target-slice gate
-and the champion stays live; the challenger from the whole batch is better on the shifted slice and rolls
-out; the drift report then reads the new version's records only, and fewer of the model's output
-summaries drift than before (measured at these sizes: 1.00 -> 0.38; the image statistics of `night`
-images drift by nature, see docs/monitoring.md)."""
+demo size). Both challengers (the whole batch, and the same recipe from a few labels) are judged against the same
+champion v1, on the lower ends of their 95% intervals; the test asserts the ending these sizes give (see
+the comment below: refused on the base split) and that each verdict is the gates' rule on the intervals
+reported."""
 
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.integration
 
 
-def test_the_loop_pays_off_only_with_enough_labels(loop_base, tmp_path: Path) -> None:
+def test_the_loop_judges_both_challengers_on_their_intervals_against_v1(loop_base, tmp_path: Path) -> None:
     from monitoring.loop import run_loop
 
     cfg, base = loop_base
@@ -31,25 +30,32 @@ def test_the_loop_pays_off_only_with_enough_labels(loop_base, tmp_path: Path) ->
     assert result.pushed == result.annotated == cfg.labels and result.held_out > 0 and result.trained_on > 0
     assert result.drift["before"].detected and result.drift["before"].version == result.champion_before
 
-    # The whole batch: the gates passed with the target slice's CI lower end above the margin and no
-    # regression on the base split.
-    assert result.gates_passed, story
-    assert result.gate_checks["improves/feedback"]["value"] >= cfg.min_target_improvement
-    assert m["target"]["after"] > m["target"]["before"] + cfg.min_target_improvement
-    assert m["base"]["after"] >= m["base"]["before"] - cfg.max_map_regression
-    # The watcher rolled the new champion out blue/green; the after window is its records only.
-    assert result.rollout["verdict"] == "passed" and result.rollout["version"] == result.challenger, story
-    assert result.live_after == result.challenger == result.drift["after"].version
+    # Each verdict is the gates' rule on the intervals it reports, against v1 for both challengers: the
+    # base split's 95% CI lower end >= -max_map_regression (0.01) and the slice's >= the margin.
+    def rule(attempt_checks: dict, intervals: dict) -> bool:
+        assert attempt_checks["no_regression"]["value"] == intervals["base"]["ci_low"]
+        assert attempt_checks["improves/feedback"]["value"] == intervals["target"]["ci_low"]
+        return (intervals["base"]["ci_low"] >= -cfg.max_map_regression
+                and intervals["target"]["ci_low"] >= cfg.min_target_improvement)
 
-    # The same recipe from too few labels: the target-slice gate refuses it, the new champion stays live.
-    few = result.refused
+    assert cfg.max_map_regression == 0.01
+    assert result.gates_passed is rule(result.gate_checks, result.intervals), story
+    # The ending at these sizes (measured: base +0.011, CI [-0.020, +0.044] on 19 test images; slice
+    # 0.075 -> 0.293, CI of the gain [+0.137, +0.324]): the batch helps the drifted slice with confidence,
+    # but 19 base test images cannot rule out a loss beyond 0.01, so the gates refuse it and v1 stays live.
+    assert result.gate_checks["improves/feedback"]["passed"], story
+    assert not result.gate_checks["no_regression"]["passed"] and not result.gates_passed, story
+    assert result.rollout["verdict"] == "not run" and result.rollout["version"] is None, story
+    assert result.live_after == result.champion_before == result.drift["after"].version
+
+    # The same recipe from a few labels, judged against the same champion (v1), not registered.
+    few = result.few_labels
     assert few["trained_on"] == cfg.few_labels and few["held_out"] == result.held_out  # the same slice
-    assert not few["gates_passed"] and not few["checks"]["improves/feedback"]["passed"], story
-    assert few["live_after"] == few["champion_before"] == few["champion_after"] == result.challenger
+    assert few["champion"] == result.champion_before and few["version"] == ""
+    assert few["gates_passed"] is rule(few["checks"], few["intervals"]), story
+    assert few["live_after"] == result.champion_before
     before, after = result.drift["before"], result.drift["after"]
-    assert before.window == after.window == cfg.traffic  # the after window: the new version's records only
-    assert before.prediction_drifted_share is not None and after.prediction_drifted_share is not None
-    assert after.prediction_drifted_share < before.prediction_drifted_share, story
+    assert before.window == after.window == cfg.traffic  # the after window: the live version's records only
     assert "brightness" in after.drifted, story  # the images are still night images: that cannot calm down
 
     summary = json.loads((cfg.out / "summary.json").read_text())
@@ -60,8 +66,10 @@ def test_the_loop_pays_off_only_with_enough_labels(loop_base, tmp_path: Path) ->
         for key in path.split("."):
             node = node[key]
         assert node is not None, path
-    assert summary["rollout"]["verdict"] == "passed" and summary["gates_passed"] is True
+    assert summary["gates_passed"] is False and summary["intervals"]["base"]["ci_low"] < -0.01
+    assert summary["few_labels"]["champion"] == result.champion_before
     markdown = (cfg.out / "summary.md").read_text()
-    assert "![" in markdown and "stayed live" in markdown
+    assert "![" in markdown and "stayed live" in markdown and "not promoted: @champion stays v1" in markdown
+    assert "REFUSED against v1 (no_regression" in markdown
     for plot in ("map_slices.png", "drift_features.png"):
         assert (cfg.out / plot).stat().st_size > 0, plot

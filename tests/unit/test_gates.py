@@ -1,5 +1,6 @@
 """Gate logic on hand-written metrics (the real evaluate -> register round trip is in
-tests/integration/test_registry.py)."""
+tests/integration/test_registry.py), and the monitoring loop's gates. The mutant
+tests/mutants/gates.py (`no_regression` on the point estimate) must make the lower-bound checks fail."""
 
 from __future__ import annotations
 
@@ -9,17 +10,20 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+import evaluation.gates
 from evaluation.gates import ChampionComparison, GateReport, check_gates, gates_table, load_metrics
 from pipelines.config.model import Gates
 from pipelines.errors import DetopsError
+from tests.mutants.gates import no_regression_on_point_estimate
 
 GATES = Gates(min_map50_95=0.5, max_dece_calibrated=0.1, max_latency_ms=50.0, max_map_regression=0.01)
 GOOD = {"map50_95": 0.6, "dece_calibrated": 0.05, "latency_ms": 20.0}
 
 
-def _comparison(delta: float) -> ChampionComparison:
+def _comparison(delta: float, ci_low: float | None = None) -> ChampionComparison:
+    ci_low = delta - 0.01 if ci_low is None else ci_low
     return ChampionComparison(champion_version="3", champion_map50_95=0.6 - delta, challenger_map50_95=0.6,
-                              delta=delta, ci_low=delta - 0.02, ci_high=delta + 0.02, bootstrap_samples=200)
+                              delta=delta, ci_low=ci_low, ci_high=2 * delta - ci_low, bootstrap_samples=200)
 
 
 def _by_name(checks: list) -> dict:
@@ -45,12 +49,36 @@ def test_thresholds_are_inclusive() -> None:
     assert all(c.passed for c in check_gates(edge, GATES, None))
 
 
-@pytest.mark.parametrize(("delta", "passed"), [(0.05, True), (-0.005, True), (-0.01, True), (-0.02, False)])
-def test_regression_against_champion(delta: float, passed: bool) -> None:
-    check = _by_name(check_gates(GOOD, GATES, _comparison(delta)))["no_regression"]
+# (delta, CI lower end): the lower end decides, inclusive; a point estimate within the allowance does
+# not pass when the interval reaches below it.
+@pytest.mark.parametrize(("delta", "ci_low", "passed"), [
+    (0.05, 0.03, True), (0.0, -0.01, True), (0.002, -0.0099, True),
+    (-0.005, -0.025, False), (0.0, -0.0101, False), (-0.02, -0.04, False)])
+def test_regression_against_champion_reads_the_ci_lower_end(delta: float, ci_low: float, passed: bool) -> None:
+    check = _by_name(check_gates(GOOD, GATES, _comparison(delta, ci_low)))["no_regression"]
     assert check.passed is passed
-    assert check.value == delta and check.threshold == -0.01
-    assert "v3" in check.note and "CI" in check.note
+    assert check.value == ci_low and check.threshold == -0.01
+    assert "v3" in check.note and "CI" in check.note and "lower end is checked" in check.note
+
+
+def check_no_regression_reads_the_lower_bound() -> None:
+    """The guarantee, shared with the mutant test: a delta within the allowance whose interval reaches
+    below it is refused (the loop's measured case: -0.018, CI [-0.034, -0.001], before at 0.03); one
+    whose lower end holds passes."""
+    gates = Gates(min_map50_95=0.0, max_dece_calibrated=1.0, max_latency_ms=1e4, max_map_regression=0.03)
+    refused = _by_name(evaluation.gates.check_gates(GOOD, gates, _comparison(-0.018, -0.034)))["no_regression"]
+    assert not refused.passed, refused
+    held = _by_name(evaluation.gates.check_gates(GOOD, gates, _comparison(-0.018, -0.029)))["no_regression"]
+    assert held.passed, held
+
+
+def test_no_regression_reads_the_lower_bound() -> None:
+    check_no_regression_reads_the_lower_bound()
+
+
+def test_no_regression_on_the_point_estimate_is_caught() -> None:
+    with no_regression_on_point_estimate(), pytest.raises(AssertionError, match="passed=True"):
+        check_no_regression_reads_the_lower_bound()
 
 
 def test_report_json_and_table(tmp_path: Path) -> None:
@@ -62,12 +90,12 @@ def test_report_json_and_table(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "gates.json").read_text())
     assert data["passed"] is False and data["promoted"] is False
     assert data["checks"]["no_regression"]["passed"] is False
-    assert data["comparison"]["ci_low"] == pytest.approx(-0.05)
+    assert data["comparison"]["ci_low"] == pytest.approx(-0.04)
 
     console = Console(record=True, width=250)
     console.print(gates_table(report))
     text = console.export_text()
-    assert "no_regression" in text and "fail" in text and "[-0.0500, -0.0100]" in text
+    assert "no_regression" in text and "fail" in text and "[-0.0400, -0.0200]" in text
     assert "champion not moved" in text
 
 
@@ -142,3 +170,33 @@ def test_report_json_carries_the_slice_comparisons(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "gates.json").read_text())
     assert data["passed"] and data["slices"]["dark"]["ci_low"] == 0.1
     assert data["checks"]["improves/dark"]["passed"]
+
+
+# --------------------------------------------------------------------------- the monitoring loop's gates
+def check_loop_refuses_a_regression_its_interval_cannot_rule_out() -> None:
+    """The loop's gates (params.yaml `loop:`, what `make loop-demo` runs) refuse a challenger that helps
+    the target slice when the base split's interval reaches below -0.01: the default run measured before
+    (0.678 -> 0.660, CI [-0.034, -0.001]) and a point estimate within the allowance (-0.004, CI [-0.020,
+    +0.012]); a base split whose lower end holds passes."""
+    from monitoring.loop import TARGET, loop_gates
+    from pipelines.config.base import load_section
+    from pipelines.config.monitoring import LoopConfig
+
+    gates = loop_gates(load_section(LoopConfig), [TARGET])
+    assert gates.max_map_regression == Gates().max_map_regression == 0.01  # the model gates' allowance
+    metrics = {"map50_95": 0.66, "dece_calibrated": 0.2, "latency_ms": 30.0}
+    target = {TARGET: ChampionComparison("1", 0.169, 0.563, 0.394, 0.357, 0.439, 500)}
+    for delta, ci_low, passed in ((-0.018, -0.034, False), (-0.004, -0.020, False), (0.004, -0.009, True)):
+        base = ChampionComparison("1", 0.678, 0.678 + delta, delta, ci_low, 2 * delta - ci_low, 500)
+        checks = _by_name(evaluation.gates.check_gates(metrics, gates, base, target))
+        assert checks[f"improves/{TARGET}"].passed
+        assert checks["no_regression"].passed is passed, (delta, ci_low, checks["no_regression"])
+
+
+def test_loop_refuses_a_regression_its_interval_cannot_rule_out() -> None:
+    check_loop_refuses_a_regression_its_interval_cannot_rule_out()
+
+
+def test_loop_gates_on_the_point_estimate_are_caught() -> None:
+    with no_regression_on_point_estimate(), pytest.raises(AssertionError, match="passed=True"):
+        check_loop_refuses_a_regression_its_interval_cannot_rule_out()

@@ -1,6 +1,7 @@
 """The variant gate (evaluation/quantize.py): int8 is chosen only when the paired-bootstrap lower bound
 of its mAP delta is above -max_map_drop and its calibrated D-ECE passes; the decision and both
-variants' figures are written next to the fp32 evaluation. On hand-made COCO evaluations."""
+variants' figures are written next to the fp32 evaluation. On hand-made COCO evaluations. The mutant
+tests/mutants/gates.py (the gate reading the point estimate) must make the lower-bound check fail."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 from evaluation.quantize import VARIANT_FILE, calibration_images, choose_variant
 from pipelines.config.model import QuantizeConfig
 from pipelines.errors import DetopsError
+from tests.mutants.gates import int8_gate_on_point_estimate
 
 
 def _gt(n: int = 30) -> dict:
@@ -31,6 +33,14 @@ def _dt(gt: dict, shift: float) -> list[dict]:
     # Each box moved by `shift` pixels: 0 is perfect, a few pixels cost mAP@.5:.95.
     return [{"image_id": a["image_id"], "category_id": 0, "score": 0.9,
              "bbox": [a["bbox"][0] + shift, a["bbox"][1] + shift, 60.0, 60.0]} for a in gt["annotations"]]
+
+
+def _dt_uneven(gt: dict, every: int, shift: float) -> list[dict]:
+    # Exact boxes, but those of every `every`-th image moved by `shift` pixels: as good on average as a
+    # 1-pixel error everywhere, much worse on a few images.
+    return [{"image_id": a["image_id"], "category_id": 0, "score": 0.9,
+             "bbox": [a["bbox"][0] + s, a["bbox"][1] + s, 60.0, 60.0]}
+            for a in gt["annotations"] for s in [shift if a["image_id"] % every == 0 else 0.0]]
 
 
 def _evaluation(folder: Path, gt: dict, dt: list[dict], dece: float, latency: float) -> Path:
@@ -73,6 +83,27 @@ def test_less_accurate_int8_is_refused(tmp_path: Path, fp32: Path) -> None:
     assert decision.chosen == "fp32" and decision.model_dir == str(tmp_path / "models")
     assert decision.ci_low < -0.01 and "lower bound <= -0.01" in decision.reason
     assert decision.int8 is not None  # the refused variant's figures are kept
+
+
+def check_int8_needs_the_lower_bound(tmp_path: Path, fp32: Path) -> None:
+    """The guarantee, shared with the mutant test: an int8 model whose mAP delta is above -0.01 (here
+    even positive) but whose interval's lower end is not keeps fp32."""
+    _evaluation(tmp_path / "int8", _gt(), _dt_uneven(_gt(), 6, 4.0), 0.03, 6.0)
+    decision = _choose(_cfg(tmp_path), fp32)
+    assert decision.chosen == "fp32", decision
+    assert "lower bound <= -0.01" in decision.reason
+
+
+def test_int8_within_the_allowance_on_average_but_not_at_the_lower_bound_keeps_fp32(tmp_path: Path,
+                                                                                    fp32: Path) -> None:
+    check_int8_needs_the_lower_bound(tmp_path, fp32)
+    decision = json.loads((fp32 / VARIANT_FILE).read_text())
+    assert decision["delta_map50_95"] > -0.01 >= decision["ci_low"]  # the case it claims: +0.001, low -0.07
+
+
+def test_int8_gate_on_the_point_estimate_is_caught(tmp_path: Path, fp32: Path) -> None:
+    with int8_gate_on_point_estimate(), pytest.raises(AssertionError, match="chosen='int8'"):
+        check_int8_needs_the_lower_bound(tmp_path, fp32)
 
 
 def test_badly_calibrated_int8_is_refused(tmp_path: Path, fp32: Path) -> None:
