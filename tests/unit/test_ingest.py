@@ -589,3 +589,13 @@ def test_real_photos_export_keeps_its_two_labelled_negatives(real_photos, tmp_pa
             if not ours:
                 empty.add(image.name)
     assert len(empty) == 2
+
+
+def test_mutant_that_drops_background_images_is_caught(tmp_path):
+    from tests.mutants.own_data import ingest_drops_background
+
+    export = background_project(tmp_path / "proj")
+    with ingest_drops_background():
+        report = ingest(cfg_for(export, tmp_path / "ds"))
+    with pytest.raises(AssertionError):
+        check_background_kept(tmp_path / "ds", report)

@@ -296,3 +296,13 @@ def test_what_the_runtime_cannot_decode_is_refused_at_load_naming_what_is_suppor
     ModelCard(name="x", classes=["a", "b", "c"], imgsz=IMGSZ, model_yaml="y").save(folder / CARD_FILE)
     with pytest.raises(DetopsError, match=r"4 \+ 3 classes"):
         ModelRuntime.load(folder)
+
+
+def test_mutant_runtime_without_chunks_fails_on_a_static_batch_model(tmp_path: Path) -> None:
+    from tests.mutants.own_data import runtime_without_chunks
+
+    runtime = ModelRuntime.load(_write_model_dir(tmp_path / "static", batch=1), threads=1)
+    images = [np.zeros((64, 64, 3), np.uint8)] * 3
+    with runtime_without_chunks(), pytest.raises(Exception, match="Got: 3 Expected: 1"):
+        runtime.predict(images, conf=0.1)
+    assert len(runtime.predict(images, conf=0.1)) == 3
