@@ -117,10 +117,14 @@ class Deployer:
         with self.state.lock():
             return self._rollout(self._reconcile(), str(version), trigger)
 
-    def follow(self, version: str, *, trigger: str) -> Rollout:
+    def follow(self, version: str, *, trigger: str) -> Rollout | None:
         """Make `version` live as the watcher does: an instant switch when it is the warm colour's
-        version (it passed its verification and served until moments ago), else a full rollout."""
+        version (it passed its verification and served until moments ago), else a full rollout. None
+        when `@champion` is no longer `version` once the lock is held: a rollout or rollback that held
+        it moved the alias, and following the stale one would undo that command."""
         with self.state.lock():
+            if registry.alias_version(self.serve.model_name, registry.CHAMPION) != str(version):
+                return None
             stack = self._reconcile()
             if stack.live is not None and self._warm_version(stack) == str(version):
                 return self._switch_to_warm(stack, trigger, "")

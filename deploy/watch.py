@@ -88,6 +88,8 @@ class Watcher:
             rollout = self.deployer.follow(champion, trigger=trigger)
         except RolloutRefused as exc:
             return str(exc)
+        if rollout is None:
+            return f"@champion moved off v{champion} while a deploy command ran: compared again at the next check"
         if rollout.figures.get("warm"):
             return f"v{champion} is live: switched to its warm colour in {rollout.figures['switch_s']} s"
         return f"v{champion} rolled out (rollout {rollout.id}), now live"
