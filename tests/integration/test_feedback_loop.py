@@ -40,9 +40,9 @@ def test_the_loop_judges_both_challengers_on_their_intervals_against_v1(loop_bas
 
     assert cfg.max_map_regression == 0.01
     assert result.gates_passed is rule(result.gate_checks, result.intervals), story
-    # Which way the verdict falls rests on a few test images (measured on the developers' machine: base
-    # +0.011, CI [-0.020, +0.044] on 19 images, slice gain [+0.137, +0.324]: refused on the base split;
-    # CI's runner has drawn the other side), so the test holds each ending to what the verdict implies.
+    # Which way the verdict falls rests on 19 base test images (measured: base +0.011, CI [-0.020, +0.044],
+    # slice gain [+0.137, +0.324]: refused on the base split, v1 stays live), so the test holds either
+    # ending to what the verdict implies rather than to one draw.
     markdown = (cfg.out / "summary.md").read_text()
     if result.gates_passed:
         assert result.rollout["verdict"] == "passed" and result.rollout["version"] == result.challenger, story
@@ -67,13 +67,13 @@ def test_the_loop_judges_both_challengers_on_their_intervals_against_v1(loop_bas
 
     summary = json.loads((cfg.out / "summary.json").read_text())
     for path in ("map50_95.base.before", "map50_95.base.after", "map50_95.target.before", "map50_95.target.after",
-                 "gates_passed", "rollout.version", "rollout.verdict", "drift.before.prediction_drifted_share",
+                 "gates_passed", "rollout.verdict", "drift.before.prediction_drifted_share",
                  "drift.after.prediction_drifted_share"):
         node = summary
         for key in path.split("."):
             node = node[key]
         assert node is not None, path
-    assert summary["gates_passed"] is result.gates_passed
+    assert summary["gates_passed"] is result.gates_passed and summary["rollout"] == result.rollout
     assert summary["few_labels"]["champion"] == result.champion_before
     assert "![" in markdown and "stayed live" in markdown
     for plot in ("map_slices.png", "drift_features.png"):
