@@ -24,6 +24,7 @@ import multiprocessing.queues
 import os
 import queue
 import signal
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 from monitoring.features import detection_summary, image_embedding, image_statistics
 from monitoring.store import PredictionRecord, PredictionStore, open_store
@@ -45,6 +46,11 @@ LOG_FAILURES = Counter("detops_prediction_log_failures_total",
 LOG_DROPPED = Counter("detops_prediction_log_dropped_total",
                       "Prediction records dropped because the logging queue was full")
 LOG_WRITTEN = Counter("detops_prediction_log_written_total", "Prediction records written to the store")
+# What a load leaves behind: work the requests were answered without (a bench or a capacity test waits
+# for 0 before its next phase; a backlog that keeps growing ends in drops).
+LOG_BACKLOG = Gauge("detops_prediction_log_backlog",
+                    "Prediction records enqueued and not yet written (or failed) by the featurizer",
+                    multiprocess_mode="livesum")
 
 
 @dataclass(frozen=True)
@@ -139,6 +145,7 @@ class PredictionLogger:
         self._enqueue_failures = 0
         self._enqueued = 0
         self._reported = [0, 0]  # written, featurizer failures already added to the Prometheus counters
+        self._report_lock = threading.Lock()
         self._closed = False
         # 'spawn': a fresh interpreter, never a fork of a serving worker's threads (onnxruntime, asyncio).
         ctx = multiprocessing.get_context("spawn")
@@ -149,6 +156,13 @@ class PredictionLogger:
             args=(self._queue, self._counters, self.store, self.class_names, keep_images, batch_size,
                   flush_interval_s, remember, niceness))
         self._process.start()
+        # The counters and the backlog move after the last request too (the featurizer catches up).
+        threading.Thread(target=self._report_every, name="detops-log-report", daemon=True).start()
+
+    @property
+    def backlog(self) -> int:
+        """Records enqueued and not yet written or failed: work deferred past the requests that made it."""
+        return max(self._enqueued - int(self._counters[_PROCESSED]) - self._queue.unsent, 0)
 
     @property
     def written(self) -> int:
@@ -188,8 +202,7 @@ class PredictionLogger:
     def flush(self, timeout_s: float = 30.0) -> None:
         """Wait until every enqueued record has been written (or failed), at most `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        while (self._counters[_PROCESSED] + self._queue.unsent < self._enqueued and self._process.is_alive()
-               and time.monotonic() < deadline):
+        while self.backlog and self._process.is_alive() and time.monotonic() < deadline:
             time.sleep(0.01)
         self._report()
 
@@ -208,20 +221,27 @@ class PredictionLogger:
             log.error("prediction log: the featurizer did not stop within %.0f s; terminated", timeout_s)
             self._process.terminate()
             self._process.join(5)
-        if self._counters[_PROCESSED] + self._queue.unsent < self._enqueued:
+        if self.backlog:
             self._queue.cancel_join_thread()  # nobody reads what is left: do not block on it
         self._queue.close()
         self._report()
 
     def _report(self) -> None:
         """Add what the featurizer wrote or lost since last time to this process's Prometheus counters
-        (the featurizer's own registry is not scraped)."""
-        written, failed = int(self._counters[_WRITTEN]), int(self._counters[_FAILED])
-        if written > self._reported[0]:
-            LOG_WRITTEN.inc(written - self._reported[0])
-        if failed > self._reported[1]:
-            LOG_FAILURES.inc(failed - self._reported[1])
-        self._reported = [written, failed]
+        (the featurizer's own registry is not scraped), and set the backlog gauge."""
+        with self._report_lock:
+            written, failed = int(self._counters[_WRITTEN]), int(self._counters[_FAILED])
+            if written > self._reported[0]:
+                LOG_WRITTEN.inc(written - self._reported[0])
+            if failed > self._reported[1]:
+                LOG_FAILURES.inc(failed - self._reported[1])
+            self._reported = [written, failed]
+            LOG_BACKLOG.set(self.backlog if not self._closed else 0)
+
+    def _report_every(self) -> None:
+        while not self._closed:
+            self._report()
+            time.sleep(self.flush_interval_s)
 
 
 class _Featurizer:

@@ -199,6 +199,25 @@ def test_logger_drops_when_queue_full(tmp_path: Path) -> None:
     assert logger.written == results.count(True)
 
 
+def test_logger_backlog_is_the_deferred_work_until_written(tmp_path: Path) -> None:
+    # The gauge a bench waits on before its next phase: records answered but not yet featurized.
+    from prometheus_client import REGISTRY
+
+    logger = PredictionLogger(_GatedStore(tmp_path), class_names=CLASSES, batch_size=1, flush_interval_s=0.05)
+    img, sha = _image(0)
+    for i in range(3):
+        assert logger.log(img, sha256=sha, request_id=str(i), detections=[], model_name="m", model_version="1")
+    time.sleep(0.3)  # the reporting thread runs while no request comes
+    assert logger.backlog == 3 and REGISTRY.get_sample_value("detops_prediction_log_backlog") == 3
+    (tmp_path / "open").touch()
+    logger.flush()
+    time.sleep(0.3)
+    assert logger.backlog == 0 and logger.written == 3
+    assert REGISTRY.get_sample_value("detops_prediction_log_backlog") == 0
+    assert REGISTRY.get_sample_value("detops_prediction_log_written_total") >= 3
+    logger.close()
+
+
 def _decode_counted(pixels: np.ndarray, calls: Path) -> np.ndarray:
     """A picklable 'decode': returns the pixels and appends a line to `calls` (in the featurizer)."""
     with calls.open("a") as f:
