@@ -1,4 +1,5 @@
-"""Mutants of issue 19's guarantees: background images kept by ingest, static-batch models run by the runtime."""
+"""Mutants of issue 19's guarantees: background images kept by ingest, static-batch models run by the runtime,
+an imported model predicting what ultralytics predicts (tests/import_parity.py)."""
 
 from __future__ import annotations
 
@@ -38,4 +39,42 @@ def runtime_without_chunks() -> Iterator[None]:
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ModelRuntime, "infer", infer)
+        yield
+
+
+@contextmanager
+def runtime_letterbox_top_left() -> Iterator[None]:
+    """A runtime that letterboxes differently from ultralytics: the resized image at the top-left of
+    the square (ultralytics' LetterBox center=False), padding on the right and bottom only. Its boxes
+    still map back consistently; only what the model sees differs."""
+    import numpy as np
+
+    from serving import runtime
+
+    original = runtime.letterbox
+
+    def letterbox(image, size, pad_value=114):  # noqa: ANN001, ANN202
+        centred, meta = original(image, size, pad_value)
+        new_h, new_w = size - 2 * meta.pad_y, size - 2 * meta.pad_x
+        out = np.full_like(centred, pad_value)
+        out[:new_h, :new_w] = centred[meta.pad_y:meta.pad_y + new_h, meta.pad_x:meta.pad_x + new_w]
+        return out, runtime.LetterboxMeta(meta.orig_h, meta.orig_w, meta.gain_x, meta.gain_y, 0, 0)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runtime, "letterbox", letterbox)
+        yield
+
+
+@contextmanager
+def runtime_drops_last_box() -> Iterator[None]:
+    """A runtime whose post-processing loses the last (lowest-scored) detection of every image."""
+    from serving.runtime import ModelRuntime
+
+    original = ModelRuntime.postprocess
+
+    def postprocess(self, raw, metas, params):  # noqa: ANN001, ANN202
+        return [detections[:-1] for detections in original(self, raw, metas, params)]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ModelRuntime, "postprocess", postprocess)
         yield

@@ -1,0 +1,93 @@
+"""Issue 19: an ONNX that `yolo export` writes by default (static batch 1) comes in through `detops
+import` and predicts what ultralytics predicts on it, on the synthetic test split and on real photos.
+
+The model is the feedback loop's base model (tests/conftest.py `loop_base`, shared with
+test_feedback_loop.py: COCO mAP@.5:.95 ~0.4 on its test split, so the mAP comparison means something);
+the real photos are ../shared/realdata/coco128-train (`real_photos`). On the real photos the synthetic
+model's two classes are not COCO's, so their mAP is computed class-agnostic (every box one category).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.types import YoloDataset
+from tests.import_parity import check_parity, parity, runtime_predictions, ultralytics_predictions, yolo_export
+
+pytestmark = pytest.mark.integration
+
+
+
+@pytest.fixture(scope="module")
+def imported(loop_base, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(the `yolo export` ONNX of the loop's base model, the model folder `detops import` made of it)."""
+    from pipelines.config.model import ImportConfig
+    from training.importer import import_model
+
+    _, base = loop_base
+    tmp = tmp_path_factory.mktemp("own_model")
+    onnx_path = yolo_export(base.model_dir / "best.pt", tmp / "export")
+    result = import_model(ImportConfig(source=onnx_path, out=tmp / "imported", experiment="tests-import"))
+    assert result.card.source["batch"] == "1"  # the default export: the case issue 19 is about
+    return onnx_path, result.model_dir
+
+
+def synthetic_case(loop_base) -> tuple[list[Path], dict]:  # noqa: ANN001
+    """The loop base's test split and its COCO ground truth."""
+    from evaluation.coco import coco_ground_truth
+
+    _, base = loop_base
+    dataset = YoloDataset.load(base.dataset)
+    return dataset.images("test"), coco_ground_truth(dataset, "test")
+
+
+def real_case(real_photos: Path) -> tuple[list[Path], dict]:
+    """The 128 real photos and a class-agnostic COCO ground truth of their boxes."""
+    from pipelines.images import oriented_size
+    from pipelines.types import read_yolo_labels
+
+    paths = sorted((real_photos / "images").iterdir())
+    images, annotations = [], []
+    for image_id, path in enumerate(paths, start=1):
+        width, height = oriented_size(path)
+        images.append({"id": image_id, "file_name": path.name, "width": width, "height": height})
+        for label in read_yolo_labels(real_photos / "labels" / f"{path.stem}.txt"):
+            box = label.box(width, height)
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 0,
+                                "bbox": box.to_xywh(), "area": box.area, "iscrowd": 0})
+    return paths, {"images": images, "annotations": annotations, "categories": [{"id": 0, "name": "object"}]}
+
+
+@pytest.fixture(scope="module")
+def cases(imported, loop_base, real_photos: Path) -> list[tuple[str, list[Path], dict, bool, list]]:
+    """(what, image paths, ground truth, class-agnostic mAP, ultralytics' predictions) per image set:
+    ultralytics' side once, for the product and for each mutant."""
+    onnx_path, _ = imported
+    return [(what, paths, gt, agnostic, ultralytics_predictions(onnx_path, paths))
+            for what, (paths, gt), agnostic in (("synthetic test split", synthetic_case(loop_base), False),
+                                                ("real photos", real_case(real_photos), True))]
+
+
+def check_imported_parity(model_dir: Path, cases: list) -> None:
+    """check_parity on every image set, detops' side predicted now."""
+    for what, paths, gt, agnostic, theirs in cases:
+        result = parity(runtime_predictions(model_dir, paths), theirs, gt, agnostic=agnostic)
+        print(f"{what}: {len(paths)} images, {result.matched}/{result.boxes} boxes matched, "
+              f"mAP@.5:.95 {result.map_ours:.4f} vs {result.map_theirs:.4f}")
+        check_parity(result, what)
+        if not agnostic:
+            assert result.map_theirs >= 0.2, f"{what}: mAP {result.map_theirs:.3f}: too weak a model to compare"
+
+
+def test_imported_static_export_predicts_what_ultralytics_predicts(imported, cases) -> None:
+    check_imported_parity(imported[1], cases)
+
+
+@pytest.mark.parametrize("mutant", ["runtime_letterbox_top_left", "runtime_drops_last_box"])
+def test_mutant_runtime_fails_the_parity_check(mutant: str, imported, cases) -> None:
+    from tests.mutants import own_data
+
+    with getattr(own_data, mutant)(), pytest.raises(AssertionError, match="boxes matched|mAP"):
+        check_imported_parity(imported[1], cases)
