@@ -4,8 +4,8 @@
   recorded, `evaluation/smoke/` in its training run) sent over HTTP with the same thresholds; each
   image must come back with the same detections: the same number, classes, IoU >= `deploy.smoke_iou`,
   |confidence difference| <= `deploy.smoke_conf_tolerance`. What was evaluated is what is served.
-- `traffic`: per colour, the requests nginx logged during a shadow or canary window, their error rate
-  and p95 upstream latency.
+- `traffic`: per colour, the model requests (/detect, /detect_batch, /render, /v2/.../infer) nginx logged
+  during a shadow or canary window, their error rate and p95 upstream latency.
 - `agreement`: the idle colour's shadow (or canary) answers against the live colour's, joined on image
   hash from the prediction log: the share of images whose detections agree (same classes, IoU >= 0.5),
   and the mean confidence shift of the matched detections.
@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -30,6 +31,9 @@ from serving.client import auth_headers
 
 AGREEMENT_IOU = 0.5
 MODEL_ROUTES = ("/detect", "/render")  # requests that run the model (/detect_batch included); probes do not count
+# The Open Inference Protocol's inference (serving/inference_protocol.py), with or without a version;
+# its metadata and ready routes run no model and do not count.
+_V2_INFER = re.compile(r"^/v2/models/[^/?]+(/versions/[^/?]+)?/infer(\?|$)")
 
 
 @dataclass(frozen=True)
@@ -116,15 +120,21 @@ def recent_access_log(log: Path, max_bytes: int = 1 << 20) -> list[dict[str, Any
     return entries[1:] if start and entries else entries
 
 
+def is_model_request(uri: str) -> bool:
+    """Whether a request URI (path and query, as nginx logs it) runs the model: /detect, /detect_batch,
+    /render, or the Open Inference Protocol's /v2/models/.../infer."""
+    return uri.startswith(MODEL_ROUTES) or _V2_INFER.match(uri) is not None
+
+
 def model_requests(entries: list[dict[str, Any]], kind: str) -> int:
     """How many model requests of `kind` (live, shadow, canary) the access log entries hold."""
-    return sum(1 for e in entries if e["traffic"] == kind and e["uri"].startswith(MODEL_ROUTES))
+    return sum(1 for e in entries if e["traffic"] == kind and is_model_request(e["uri"]))
 
 
 def traffic(entries: list[dict[str, Any]], port: int, kinds: tuple[str, ...]) -> dict[str, Any]:
     """Model requests of kinds `kinds` (live, shadow, canary) that nginx sent to 127.0.0.1:`port`:
     count, errors (5xx or no answer), error rate and p95 of the upstream time in ms."""
-    mine = [e for e in entries if e["traffic"] in kinds and e["uri"].startswith(MODEL_ROUTES)
+    mine = [e for e in entries if e["traffic"] in kinds and is_model_request(e["uri"])
             and e["upstream"].endswith(f":{port}")]
     errors = sum(1 for e in mine if not e["upstream_status"].isdigit() or int(e["upstream_status"]) >= 500)
     times = [float(e["upstream_s"]) * 1000 for e in mine if _number(e["upstream_s"])]

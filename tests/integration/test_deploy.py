@@ -10,6 +10,7 @@ detects otherwise on every image (the shadow window's agreement refuses it)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from pipelines.environment import PROJECT_ROOT
 from pipelines.types import Box
 from serving.client import auth_headers
 from tests.fixtures import images
+from tests.integration.conftest import binary_request, bytes_tensor, detect_rows, run_oip_clients
 from tests.mutants.deploy import leave_refused_champion
 from tests.serving_process import TEST_PEPPER, mint_key
 from tests.unit.test_deploy import EPS_CONF, EPS_IOU, SMOKE_CONF, SMOKE_IOU, box_at_iou
@@ -252,11 +254,14 @@ def _front_door() -> str:
 
 
 class Clients:
-    """Steady /detect traffic on keep-alive connections, no retries: every answer's status and version."""
+    """Steady traffic on keep-alive connections, no retries: every answer's status and version. The
+    last `v2` clients send each image as an Open Inference Protocol infer request (binary tensor data,
+    as tritonclient sends it) instead of /detect; `uploads[i]` are client i's images."""
 
-    def __init__(self, url: str, n: int = 3) -> None:
-        self.url, self.stop = url, threading.Event()
+    def __init__(self, url: str, n: int = 3, v2: int = 0) -> None:
+        self.url, self.stop, self.v2_from = url, threading.Event(), n - v2
         self.seen: list[list[tuple[int, str | None]]] = [[] for _ in range(n)]
+        self.uploads = [[images.jpeg(64 + 7 * k, 48 + 5 * k, seed=1000 * i + k) for k in range(12)] for i in range(n)]
         self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
 
     def __enter__(self) -> Clients:
@@ -269,13 +274,22 @@ class Clients:
         for thread in self.threads:
             thread.join(30)
 
+    def _request(self, index: int, data: bytes) -> dict[str, object]:
+        """httpx.post arguments sending `data` the way client `index` sends images."""
+        if index < self.v2_from:
+            return {"url": f"{self.url}/detect", "files": {"image": ("x.jpg", data)}}
+        body, headers = binary_request({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                                    "parameters": {"binary_data_size": len(data) + 4}}],
+                                        "parameters": {"binary_data_output": True}}, bytes_tensor([data]))
+        return {"url": f"{self.url}/v2/models/{NAME}/infer", "content": body, "headers": headers}
+
     def _run(self, index: int) -> None:
-        uploads = [images.jpeg(64 + 7 * k, 48 + 5 * k, seed=1000 * index + k) for k in range(12)]
+        requests = [self._request(index, data) for data in self.uploads[index]]
         with httpx.Client(timeout=60, transport=httpx.HTTPTransport(retries=0), headers=auth_headers()) as client:
             k = 0
             while not self.stop.is_set():
                 try:
-                    response = client.post(f"{self.url}/detect", files={"image": ("x.jpg", uploads[k % 12])})
+                    response = client.post(**requests[k % 12])  # type: ignore[arg-type]
                     self.seen[index].append((response.status_code, response.headers.get("x-model-version")))
                 except httpx.HTTPError as exc:
                     self.seen[index].append((-1, type(exc).__name__))
@@ -314,11 +328,12 @@ def _runs(seen: list[tuple[int, str | None]]) -> list[str | None]:
     return runs
 
 
-def test_rollout_and_rollback_under_load_drop_nothing(project: Path, versions: dict[str, str]) -> None:
+def test_rollout_and_rollback_under_load_drop_nothing(project: Path, versions: dict[str, str], clients_python: Path,
+                                                      tmp_path: Path) -> None:
     v1, v2 = versions["a"], versions["b"]
     up = detops("deploy", "up")
     assert f"live: v{v1} on blue" in up.output
-    with Clients(_front_door()) as clients:
+    with Clients(_front_door(), v2=1) as clients:  # two /detect clients, one Open Inference Protocol client
         clients.wait_for(60)
         assert f"v{v2} is live on green" in detops("deploy", "rollout", v2, "--detach").output
         rollout = _deployer().state.rollouts(1)[0]
@@ -357,6 +372,32 @@ def test_rollout_and_rollback_under_load_drop_nothing(project: Path, versions: d
     status = _deployer().status()
     assert status["live"]["version"] == v1 and status["previous"] == {"version": v2, "warm": True,
                                                                        "retire_at": status["previous"]["retire_at"]}
+
+    # The Open Inference Protocol client's binary requests were mirrored in the shadow window like /detect:
+    # the idle colour answered them, the window counted them as model requests, and their images' shadow
+    # answers were logged beside the live ones, which is what the agreement joins on.
+    from deploy.nginx import ACCESS_LOG
+    from deploy.verify import read_access_log, traffic
+
+    mirrored = [e for e in read_access_log(_deployer().prefix / ACCESS_LOG, 0)
+                if e["traffic"] == "shadow" and e["uri"].startswith("/v2/")]
+    idle_port = getattr(_deployer().cfg, f"{rollout.colour}_port")
+    assert mirrored and {e["upstream_status"] for e in mirrored} == {"200"}, mirrored[:3]
+    assert traffic(mirrored, idle_port, ("shadow",))["requests"] == len(mirrored)
+    v2_images = {hashlib.sha256(data).hexdigest() for data in clients.uploads[-1]}
+    shadowed = set(store.read(traffic="shadow", model_version=v2)["image_sha256"]) & v2_images
+    assert shadowed and shadowed <= set(store.read(traffic="live", model_version=v1)["image_sha256"])
+
+    # tritonclient (binary and JSON tensors) through the front door with a key: /detect's numbers.
+    data = images.jpeg(160, 120, seed=7)
+    (tmp_path / "a.jpg").write_bytes(data)
+    key = auth_headers()["Authorization"]
+    triton = run_oip_clients(clients_python, _front_door(), NAME, v1, [tmp_path / "a.jpg"], "--only", "triton",
+                             "--conf", "0.001", "--header", f"Authorization:{key}")["triton"]
+    expected = [detect_rows(_front_door(), data, 0.001, auth_headers())]
+    assert expected[0] and triton["binary"] == expected and triton["json"] == expected
+    assert triton["live"] and triton["ready"] and triton["model_ready"] and triton["version_ready"]
+    assert triton["metadata"]["versions"] == [v1] and triton["unknown_model"]["status"] == "404"
 
 
 def test_a_refused_version_never_stays_champion(project: Path, versions: dict[str, str]) -> None:

@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import struct
 import subprocess
 import sys
 import time
@@ -25,22 +24,13 @@ import yaml
 from PIL import Image
 
 from tests.fixtures import images
-from tests.integration.conftest import MAX_BATCH_IMAGES
+from tests.integration.conftest import (MAX_BATCH_IMAGES, binary_request, bytes_tensor, detect_rows,
+                                       run_oip_clients)
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-CLIENTS_VENV = ROOT / ".venv-oip-clients"
 PROTOCOL_SPEC = ROOT.parent / "shared" / "reference" / "open-inference-protocol" / "open_inference_rest.yaml"
-
-
-@pytest.fixture(scope="module")
-def clients_python() -> Path:
-    """The python of the clients' venv (`make test` creates it; created here too when missing)."""
-    marker = CLIENTS_VENV / ".installed"
-    if not marker.exists():
-        subprocess.run(["make", str(marker.relative_to(ROOT))], cwd=ROOT, check=True, timeout=900)
-    return CLIENTS_VENV / "bin" / "python"
 
 
 @pytest.fixture(scope="module")
@@ -54,26 +44,6 @@ def model(server: dict) -> dict:
 def v2(server: dict, model: dict, suffix: str = "/infer", *, version: bool = False) -> str:
     base = f"{server['url']}/v2/models/{model['name']}"
     return base + (f"/versions/{model['version']}" if version else "") + suffix
-
-
-def detect_rows(server: dict, data: bytes, conf: float) -> list[list[float]]:
-    """/detect's answer for `data` as rows (x1, y1, x2, y2, confidence, class_id), float32 like the tensors."""
-    resp = httpx.post(server["url"] + "/detect", content=data, params={"conf": conf},
-                      headers={"Content-Type": "image/jpeg"}, timeout=60)  # the format is read from the bytes
-    assert resp.status_code == 200, resp.text
-    rows = [[d["box"]["x1"], d["box"]["y1"], d["box"]["x2"], d["box"]["y2"], d["confidence"], d["class_id"]]
-            for d in resp.json()["detections"]]
-    return np.asarray(rows, dtype=np.float32).reshape(-1, 6).tolist()
-
-
-def binary_request(header: dict, *chunks: bytes) -> tuple[bytes, dict[str, str]]:
-    text = json.dumps(header).encode()
-    return text + b"".join(chunks), {"Inference-Header-Content-Length": str(len(text)),
-                                     "Content-Type": "application/octet-stream"}
-
-
-def bytes_tensor(items: list[bytes]) -> bytes:
-    return b"".join(struct.pack("<I", len(i)) + i for i in items)
 
 
 def read_binary_response(resp: httpx.Response) -> dict[str, np.ndarray]:
@@ -95,13 +65,10 @@ def test_tritonclient_and_kserve_get_what_detect_answers(server: dict, model: di
     for i, data in enumerate(uploads):
         paths.append(tmp_path / f"{i}.img")
         paths[-1].write_bytes(data)
-    expected = [detect_rows(server, data, 0.001) for data in uploads]
+    expected = [detect_rows(server["url"], data, 0.001) for data in uploads]
     assert all(expected), "conf 0.001 on a trained model should keep some boxes"
-    done = subprocess.run([str(clients_python), str(ROOT / "tests" / "oip_clients.py"), server["url"], model["name"],
-                           model["version"], *map(str, paths), "--conf", "0.001"],
-                          capture_output=True, text=True, timeout=300, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
-    report = json.loads(done.stdout)
+    report = run_oip_clients(clients_python, server["url"], model["name"], model["version"], paths,
+                             "--conf", "0.001")
     triton, kserve = report["triton"], report["kserve"]
     # The same numbers as /detect, bit for bit (FP32), in both encodings and both clients.
     assert triton["binary"] == expected and triton["json"] == expected and kserve["binary"] == expected
@@ -132,7 +99,8 @@ def test_binary_requests_go_through_cache_log_and_version_header(server: dict, m
     assert first.status_code == 200, first.text
     assert first.headers["x-model-version"] == model["version"] and first.headers["x-cache"] == "miss"
     tensors = read_binary_response(first)
-    assert tensors["num_detections"].tolist() == [len(detect_rows(server, data, 0.001))]  # /detect: a cache hit
+    # /detect: a cache hit
+    assert tensors["num_detections"].tolist() == [len(detect_rows(server["url"], data, 0.001))]
     again = httpx.post(v2(server, model), content=body, headers=headers, timeout=60)
     assert again.headers["x-cache"] == "hit" and again.content == first.content
     sha = hashlib.sha256(data).hexdigest()
@@ -165,7 +133,7 @@ def test_a_preprocessed_fp32_tensor_is_served_like_its_8_bit_image(server: dict,
     outputs = json.loads(resp.content[:length])["outputs"]
     assert [o["name"] for o in outputs] == ["num_detections", "detections"] and "data" in outputs[0]
     rows = np.frombuffer(resp.content[length:], "<f4").reshape(outputs[1]["shape"])[0].tolist()
-    assert rows == detect_rows(server, png.getvalue(), 0.001) and outputs[0]["data"] == [len(rows)]
+    assert rows == detect_rows(server["url"], png.getvalue(), 0.001) and outputs[0]["data"] == [len(rows)]
     # The same tensor as JSON (nested lists are allowed by the protocol).
     as_json = {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": list(tensor.shape),
                            "data": tensor.tolist()}], "parameters": {"conf": 0.001}}

@@ -16,7 +16,7 @@ import pytest
 
 import deploy.verify
 from deploy.state import ColourProcess, DeployState, Stack
-from deploy.verify import _agree, _same_detections, gates, traffic
+from deploy.verify import _agree, _same_detections, gates, model_requests, traffic
 from deploy.watch import signature_ok
 from pipelines.config.deploy import DeployConfig
 from pipelines.types import Box
@@ -119,10 +119,19 @@ def test_traffic_counts_model_requests_per_colour() -> None:
     entries = [entry("live", "/detect", "127.0.0.1:3101", "200", "0.010"),
                entry("live", "/readyz", "127.0.0.1:3101", "200", "0.001"),
                entry("shadow", "/detect?conf=0.5", "127.0.0.1:3102", "502", "0.050"),
-               entry("shadow", "/detect", "", "", "")]
-    assert traffic(entries, 3101, ("live",))["requests"] == 1  # probes do not count
+               entry("shadow", "/detect", "", "", ""),
+               # The Open Inference Protocol: infer runs the model (with or without a version), its
+               # metadata, ready and health routes do not.
+               entry("live", "/v2/models/m/infer", "127.0.0.1:3101", "200", "0.020"),
+               entry("shadow", "/v2/models/m/versions/7/infer", "127.0.0.1:3102", "200", "0.030"),
+               *(entry(kind, uri, f"127.0.0.1:{port}", "200", "0.001")
+                 for kind, port in (("live", 3101), ("shadow", 3102))
+                 for uri in ("/v2/models/m", "/v2/models/m/ready", "/v2/models/m/versions/7/ready",
+                             "/v2/health/ready", "/v2", "/v2/models/infer/ready"))]
+    assert traffic(entries, 3101, ("live",))["requests"] == 2  # probes do not count
     shadow = traffic(entries, 3102, ("shadow",))
-    assert shadow["requests"] == 1 and shadow["errors"] == 1 and shadow["p95_ms"] == pytest.approx(50.0)
+    assert shadow["requests"] == 2 and shadow["errors"] == 1 and shadow["p95_ms"] == pytest.approx(49.0)
+    assert model_requests(entries, "shadow") == 3 and model_requests(entries, "live") == 2
 
 
 def _signed(secret: str, body: bytes, timestamp: int, delivery: str = "d-1") -> dict[str, str]:
