@@ -8,6 +8,7 @@ tests/failing_service.py, whose runtime fails while a file exists (the circuit b
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures as cf
 import json
 import os
@@ -102,7 +103,7 @@ def jpeg() -> bytes:
 
 
 def test_public_routes_need_no_key_and_the_docs_are_detops_own(stack: Stack) -> None:
-    for route in ("/livez", "/metrics", "/", "/docs.json"):
+    for route in ("/livez", "/metrics", "/", "/docs.json", "/v2/health/live", "/v2/health/ready"):
         assert stack.call("GET", route).status_code == 200, route
     ready = stack.call("GET", "/readyz")
     assert ready.status_code == 200 and ready.json()["ready"] is True
@@ -133,6 +134,18 @@ def test_401_403_and_both_key_headers(stack: Stack) -> None:
     error(stack.call("DELETE", "/jobs/abc", reader), 403, "insufficient_scope")
     error(stack.call("GET", "/schema.json", reader), 403, "insufficient_scope")
     assert stack.cli("keys", "create", "--tenant", "acme", "--scopes", "detect,root", check=False).returncode != 0
+    # The Open Inference Protocol (serving/inference_protocol.py): metadata, ready and infer need `detect`.
+    model = stack.call("POST", "/detect", detect_only, files=files).json()["model"]
+    infer = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                         "data": [base64.b64encode(jpeg()).decode()]}]}
+    named = f"/v2/models/{model['name']}"
+    for method, route, body in (("GET", "/v2", None), ("GET", named, None), ("GET", f"{named}/ready", None),
+                                ("GET", f"{named}/versions/{model['version']}", None),
+                                ("POST", f"{named}/infer", infer),
+                                ("POST", f"{named}/versions/{model['version']}/infer", infer)):
+        error(stack.call(method, route, json=body), 401, "missing_key")
+        error(stack.call(method, route, reader, json=body), 403, "insufficient_scope")
+        assert stack.call(method, route, detect_only, json=body).status_code == 200, route
 
 
 def test_tenant_isolation_on_every_route_with_stored_data(stack: Stack) -> None:

@@ -72,6 +72,7 @@ CHECKS: dict[str, tuple[Callable[[], None], Callable[[], AbstractContextManager[
     "pixels": (check_pixels_become_the_same_8_bit_image, mutants.pixels_channels_swapped),
     "detections": (check_detections_rows_are_boxes_confidence_class, mutants.detections_columns_swapped),
     "scopes": (check_v2_scopes, mutants.v2_health_behind_a_key),
+    "infer_scope": (check_v2_scopes, mutants.v2_infer_public),
 }
 
 
