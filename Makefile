@@ -19,7 +19,9 @@ LABEL_STUDIO := .venv-labelstudio/.installed
 
 # Open Inference Protocol clients nobody here wrote (tritonclient[http], kserve), in a venv of their own:
 # their protobuf, psutil, ml-dtypes and greenlet pins conflict with requirements.lock. The service's
-# tests run them as subprocesses (tests/oip_clients.py). Re-pin: make lock-oip-clients.
+# tests run them as subprocesses (tests/oip_clients.py). Re-pin: make lock-oip-clients. --no-compile: CI
+# pays for this install; byte-compiling its ~500 MB (kubernetes' generated models mostly) took longer than
+# downloading and unpacking it, and the clients import a small part of it.
 OIP_CLIENTS := .venv-oip-clients/.installed
 
 setup: $(STAMP) $(K8S_SCHEMAS)
@@ -52,7 +54,7 @@ oip-clients: $(OIP_CLIENTS)
 
 $(OIP_CLIENTS): requirements-oip-clients.lock
 	rm -rf .venv-oip-clients && python3.11 -m venv .venv-oip-clients
-	.venv-oip-clients/bin/pip install --quiet --no-deps -r requirements-oip-clients.lock
+	.venv-oip-clients/bin/pip install --quiet --no-deps --no-compile -r requirements-oip-clients.lock
 	@touch $@
 
 lock-oip-clients:
