@@ -33,6 +33,8 @@ from pipelines.types import YoloDataset
 
 VARIANT_FILE = "variant.json"
 
+CALIBRATION_BATCH = 8  # images per calibration run of a dynamic-batch model
+
 
 def quantize(cfg: QuantizeConfig) -> Path:
     """Write the int8 model folder `cfg.out` from the fp32 one in `cfg.model_dir`."""
@@ -63,12 +65,19 @@ def quantize_model(source: Path, out: Path, images: list[Path] | list[np.ndarray
 
     runtime = ModelRuntime.load(source, calibrated=False)
     input_name = runtime.session.get_inputs()[0].name
+    # A static-batch model (ultralytics' default export: 1) takes exactly its batch size per run. A
+    # short last batch is filled with images from the start: repeating an image leaves MinMax ranges as
+    # they are, where zero padding would add a black image's activations to them.
+    size = runtime.static_batch or CALIBRATION_BATCH
+    if not images:
+        raise DetopsError("no calibration images")
+    filled = list(images) + [images[i % len(images)] for i in range(-len(images) % size)]
 
     class Reader(CalibrationDataReader):
-        """The calibration images, letterboxed and normalised as served, a few per call."""
+        """The calibration images, letterboxed and normalised as served, a batch of `size` per call."""
 
         def __init__(self) -> None:
-            self._batches = iter([images[i:i + 8] for i in range(0, len(images), 8)])
+            self._batches = iter([filled[i:i + size] for i in range(0, len(filled), size)])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             paths = next(self._batches, None)

@@ -91,3 +91,28 @@ def test_mutant_runtime_fails_the_parity_check(mutant: str, imported, cases) -> 
 
     with getattr(own_data, mutant)(), pytest.raises(AssertionError, match="boxes matched|mAP"):
         check_imported_parity(imported[1], cases)
+
+
+def test_quantize_calibrates_a_static_batch_model(imported, loop_base, tmp_path: Path) -> None:
+    """`detops quantize` on the imported batch-1 model: calibration feeds batches of the model's own
+    size (it fed 8 images at once: "Got: 8 Expected: 1"); the int8 copy keeps the static batch and
+    finds what the fp32 model finds on the test split."""
+    from evaluation.coco import coco_detections, coco_ground_truth, coco_metrics
+    from evaluation.quantize import quantize
+    from pipelines.config.model import QuantizeConfig
+    from serving.runtime import ModelRuntime
+
+    _, model_dir = imported
+    _, base = loop_base
+    int8 = quantize(QuantizeConfig(model_dir=model_dir, dataset=base.dataset, out=tmp_path / "int8",
+                                   calibration_images=11))  # not a multiple of 8
+    dataset = YoloDataset.load(base.dataset)
+    gt = coco_ground_truth(dataset, "test")
+    maps = []
+    for folder in (model_dir, int8):
+        runtime = ModelRuntime.load(folder, threads=1)
+        assert runtime.static_batch == 1
+        predictions = runtime_predictions(folder, dataset.images("test"))
+        maps.append(coco_metrics(gt, coco_detections(dict(enumerate(predictions, start=1)), gt)).map50_95)
+    print(f"mAP@.5:.95 fp32 {maps[0]:.4f}, int8 {maps[1]:.4f}")
+    assert maps[1] >= maps[0] - 0.05, maps

@@ -131,3 +131,17 @@ def test_calibration_never_uses_test_images(yolo_dataset: Path) -> None:
     assert chosen and all(p.parent.parent.name == "train" or p.parent.name == "train" for p in chosen)
     with pytest.raises(ValueError):
         QuantizeConfig(calibration_splits=["test"])
+
+
+def test_calibration_feeds_a_static_batch_its_own_size(tmp_path: Path) -> None:
+    """A model exported with a static batch of 3 calibrates on 4 images (the short last batch filled
+    from the start), and its int8 copy keeps the batch; a dynamic one takes any count."""
+    from evaluation.quantize import quantize_model
+    from serving.runtime import ModelRuntime
+    from tests.unit.test_runtime import _write_model_dir
+
+    images = [np.full((40 + 8 * i, 64, 3), 30 * i, np.uint8) for i in range(4)]
+    for batch in (3, "batch"):
+        source = _write_model_dir(tmp_path / f"fp32-{batch}", batch=batch)
+        int8 = quantize_model(source, tmp_path / f"int8-{batch}", images, float_tail=False)
+        assert ModelRuntime.load(int8, threads=1).static_batch == (batch if batch == 3 else None)
