@@ -78,3 +78,19 @@ def runtime_drops_last_box() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ModelRuntime, "postprocess", postprocess)
         yield
+
+
+@contextmanager
+def train_ignores_weights() -> Iterator[None]:
+    """Training that loads train.weights but does not hand them to ultralytics (`pretrained` False):
+    it starts from fresh weights whatever the config says."""
+    from training import train
+
+    original = train._train_args
+
+    def train_args(cfg):  # noqa: ANN001, ANN202
+        return {**original(cfg), "pretrained": False}
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train, "_train_args", train_args)
+        yield
