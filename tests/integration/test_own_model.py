@@ -181,3 +181,40 @@ def test_mutant_training_that_ignores_its_weights_fails_the_fine_tuning_check(
 
     with train_ignores_weights(), pytest.raises(AssertionError, match="fine-tuned"):
         check_fine_tuning_starts_lower(real_dataset, fresh_loss, trained_model_dir / WEIGHTS_FILE, tmp_path)
+
+
+def test_imported_model_is_evaluated_and_gated_against_the_champion(imported, loop_base, tmp_path: Path) -> None:
+    """evaluate -> register for an imported model as for a trained one: the loop base model (dynamic
+    batch, trained here) is the champion; its own weights brought in as `yolo export`'s batch-1 ONNX are
+    judged against it on the same images (no regression: the same model) and the new version says
+    where it came from (detops.source.* tags of the import run)."""
+    import hashlib
+    import shutil
+
+    from mlflow import MlflowClient
+
+    from evaluation.evaluate import evaluate
+    from evaluation.register import register
+    from pipelines.config.model import RegisterConfig
+    from tests.integration.test_registry import EVALUATE, PASSING
+
+    onnx_path, imported_dir = imported
+    _, base = loop_base
+    name = "test-imported"
+    reports = []
+    for label, source in (("champion", base.model_dir), ("imported", imported_dir)):
+        model_dir = Path(shutil.copytree(source, tmp_path / label))  # evaluate writes a calibrator into it
+        out = tmp_path / f"evaluate-{label}"
+        evaluate(EVALUATE.model_copy(update={"model_dir": model_dir, "dataset": base.dataset, "out": out}))
+        reports.append(register(RegisterConfig(model_name=name, model_dir=model_dir, evaluation=out,
+                                               dataset=base.dataset, gates=PASSING), EVALUATE))
+    champion, challenger = reports
+    assert champion.promoted and champion.version == "1"
+    assert challenger.comparison is not None and challenger.comparison.champion_version == "1"
+    assert abs(challenger.comparison.delta) < 0.005, challenger.comparison  # the same weights
+    assert challenger.passed and challenger.promoted and challenger.version == "2"
+    tags = MlflowClient().get_model_version(name, "2").tags
+    assert tags["detops.source.kind"] == "import" and tags["detops.source.format"] == "ultralytics-onnx"
+    assert tags["detops.source.file"] == onnx_path.name
+    assert tags["detops.source.sha256"] == hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    assert "detops.source.kind" not in MlflowClient().get_model_version(name, "1").tags
