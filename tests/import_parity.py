@@ -87,7 +87,8 @@ def _matches(ours: list[Detection], theirs: list[Detection]) -> int:
     return matched
 
 
-def parity(ours: list[list[Detection]], theirs: list[list[Detection]], gt: dict, *, agnostic: bool = False) -> Parity:
+def parity(ours: list[list[Detection]], theirs: list[list[Detection]], gt: dict, *,
+           agnostic: bool = False) -> Parity:
     """Per-image box matching and the pycocotools mAP@.5:.95 of both sets against `gt` (whose images
     are the predictions' images, in order); `agnostic`: every detection counts as category 0 (a model
     whose classes are not the ground truth's, such as the synthetic model on real photos)."""
@@ -104,7 +105,8 @@ def parity(ours: list[list[Detection]], theirs: list[list[Detection]], gt: dict,
             unmatched.append(image["file_name"])
     ids = [image["id"] for image in gt["images"]]
     if agnostic:
-        ours, theirs = ([[replace(d, class_id=0) for d in image] for image in side] for side in (ours, theirs))
+        ours, theirs = ([[replace(d, class_id=0) for d in image] for image in side]
+                        for side in (ours, theirs))
     maps = [coco_metrics(gt, coco_detections(dict(zip(ids, side)), gt)).map50_95 for side in (ours, theirs)]
     return Parity(boxes, matched, unmatched, *maps)
 

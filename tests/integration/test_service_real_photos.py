@@ -74,7 +74,8 @@ def test_every_real_photo_is_answered(server: dict, real_photos: Path) -> None:
         data = path.read_bytes()
         resp = post(server, "/detect", {"image": (path.name, data, "image/jpeg")})
         if len(data) > MAX_UPLOAD:
-            assert resp.status_code == 413 and "serve.max_upload_bytes" in resp.text, (path.name, resp.text[:300])
+            assert resp.status_code == 413, (path.name, resp.text[:300])
+            assert "serve.max_upload_bytes" in resp.text, (path.name, resp.text[:300])
             large.append(len(data))
             continue
         assert resp.status_code == 200, (path.name, resp.text[:300])
@@ -82,7 +83,8 @@ def test_every_real_photo_is_answered(server: dict, real_photos: Path) -> None:
     assert len(large) == 9 and max(large) <= ServeConfig().max_upload_bytes
 
 
-def test_png_and_exif_rotated_copies_detect_what_the_runtime_predicts(server: dict, real_photos: Path) -> None:
+def test_png_and_exif_rotated_copies_detect_what_the_runtime_predicts(server: dict,
+                                                                      real_photos: Path) -> None:
     from serving.runtime import ModelRuntime
 
     runtime = ModelRuntime.load(server["model_dir"], threads=1)
