@@ -12,8 +12,8 @@ once. A refused rollout moves `@champion` back to the live version, and so does 
 before when someone sets `@champion` to it again (it is not retried: roll it out by hand after fixing
 it; deploy/policy.py), so the two never disagree for longer than one check.
 
-After a switch, while the previous colour is warm, the watcher also judges the new live version every
-`deploy.watch.live_check_s` on its live traffic (`Deployer.guard`: error rate, p95 against the previous
+After a switch (its own, or a `detops deploy rollout` from another shell), while the previous colour is
+warm, the watcher also judges the new live version every `deploy.watch.live_check_s` on its live traffic (`Deployer.guard`: error rate, p95 against the previous
 version's) and switches back by itself when a gate breaks; when the keep-warm time is over, it retires
 the previous colour.
 """
@@ -108,12 +108,11 @@ class Watcher:
         next_check = 0.0
         try:
             while True:
-                watching = False
                 try:
-                    # After a switch, the live version is judged every live_check_s (it is switched
-                    # back when it breaks); @champion is compared every poll interval or webhook.
+                    # The deployment state is looked at every live_check_s (a file read when nothing
+                    # is watched), so a switch made by a command in another shell is judged from its
+                    # first requests; @champion is compared every poll interval or webhook.
                     outcome, text = self.deployer.guard()
-                    watching = outcome == "watching"
                     if outcome in ("rolled_back", "retired"):
                         self.say(text)
                     if once or trigger == "webhook" or time.monotonic() >= next_check:
@@ -123,8 +122,7 @@ class Watcher:
                     self.say(f"error: {exc}")
                 if once:
                     return
-                until_check = max(next_check - time.monotonic(), 0.0)
-                wait = min(self.cfg.live_check_s, until_check) if watching else until_check
+                wait = min(self.cfg.live_check_s, max(next_check - time.monotonic(), 0.0))
                 # A delivery during the check leaves the event set: the next check follows at once.
                 trigger = "webhook" if self.wake.wait(wait) else "watcher"
                 self.wake.clear()

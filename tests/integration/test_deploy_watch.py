@@ -245,6 +245,16 @@ def _watcher(stack: dict[str, object], log: Path, *mutant: str) -> subprocess.Po
                            env=stack["env"], cwd=PROJECT_ROOT)
 
 
+def _wait_first_check(process: subprocess.Popen, log: Path, timeout_s: float = 60.0) -> None:
+    """Until the watcher has compared @champion with the live version once: a rollout started after it is
+    one the watcher learns of from the deployment state, not from its first look (it then waits up to
+    poll_interval_s, 30 s here, before comparing @champion again)."""
+    deadline = time.monotonic() + timeout_s
+    while "is live and @champion" not in (log.read_text() if log.exists() else ""):
+        assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.1)
+
+
 def _stop(process: subprocess.Popen) -> None:
     processes.stop(process.pid, timeout_s=10)
     process.wait(timeout=10)
@@ -256,6 +266,7 @@ def test_a_version_that_breaks_after_the_switch_is_rolled_back_by_the_watcher(
     log = stack["root"] / "watch.log"
     watcher = _watcher(stack, log)
     try:
+        _wait_first_check(watcher, log)
         with PacedClients(_deployer().front_door, stack["key"]) as clients:
             while len(clients.seen) < 10:  # the live version answers these images
                 time.sleep(0.1)
@@ -271,8 +282,10 @@ def test_a_version_that_breaks_after_the_switch_is_rolled_back_by_the_watcher(
 
 def test_a_blind_watcher_fails_the_rollback_check(stack: dict[str, object], versions: dict[str, str]) -> None:
     good, bad = versions["good"], versions["bright"]
-    watcher = _watcher(stack, stack["root"] / "watch-blind.log", "blind")
+    log = stack["root"] / "watch-blind.log"
+    watcher = _watcher(stack, log, "blind")
     try:
+        _wait_first_check(watcher, log)
         with PacedClients(_deployer().front_door, stack["key"]) as clients:
             assert _deployer().rollout(bad).verdict == "passed"  # its colour is still warm: no new start
             with pytest.raises(AssertionError, match="was not rolled back"):
