@@ -503,6 +503,15 @@ def test_cli_status_and_watcher_following_champion(project: Path, versions: dict
     assert wrong.exit_code == 1 and f"serves version '{v1}', expected '{v2}'" in wrong.output, wrong.output
 
 
+def _kill(pid: int) -> None:
+    """SIGKILL `pid` and wait until it is gone: the signal is delivered asynchronously, and a repair
+    that looked a moment too early would still find it running."""
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while processes.alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def test_a_killed_command_nginx_or_colour_is_explained_then_repaired(project: Path, versions: dict[str, str]) -> None:
     v1, v2 = versions["a"], versions["b"]
     env = {**os.environ, "DETOPS_PARAMS": str(project / "params.yaml")}
@@ -522,14 +531,14 @@ def test_a_killed_command_nginx_or_colour_is_explained_then_repaired(project: Pa
         assert _deployer().state.rollouts(1)[0].verdict == "interrupted"
 
         stack = _deployer().state.stack()
-        os.kill(stack.nginx_pid, signal.SIGKILL)  # the front door dies (its workers are orphaned)
+        _kill(stack.nginx_pid)  # the front door dies (its workers are orphaned)
         assert any("nginx" in p for p in _deployer().status()["problems"])
         notes = _deployer().repair()
         assert any("nginx" in n and "restarted" in n for n in notes)
         with pytest.raises(ProcessLookupError):  # no orphaned worker of the killed nginx is left behind
             os.killpg(stack.nginx_pid, 0)
         live = stack.colours[stack.live]
-        os.kill(live.pid, signal.SIGKILL)  # the live colour's main process dies (its workers live on, orphaned)
+        _kill(live.pid)  # the live colour's main process dies (its workers live on, orphaned)
         notes = _deployer().repair()
         assert any("live colour" in n for n in notes)
         time.sleep(1)
