@@ -13,9 +13,14 @@ before when someone sets `@champion` to it again (it is not retried: roll it out
 it; deploy/policy.py), so the two never disagree for longer than one check.
 
 After a switch (its own, or a `detops deploy rollout` from another shell), while the previous colour is
-warm, the watcher also judges the new live version every `deploy.watch.live_check_s` on its live traffic (`Deployer.guard`: error rate, p95 against the previous
-version's) and switches back by itself when a gate breaks; when the keep-warm time is over, it retires
-the previous colour.
+warm, the watcher also judges the new live version every `deploy.watch.live_check_s` on its live
+traffic (`Deployer.guard`: error rate, p95 against the previous version's) and switches back by itself
+when a gate breaks; when the keep-warm time is over, it retires the previous colour.
+
+While it runs, the watcher also answers `detops deploy rollback` on a Unix socket in the state folder
+(`watch.sock`, owner only): the command hands the rollback to this process, which has MLflow imported
+and its store open (about 2 s of the command's own time otherwise), and prints what it did. Without a
+watcher the command does the same work itself.
 """
 
 from __future__ import annotations
@@ -24,16 +29,22 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
+import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 from deploy import policy
 from deploy.rollout import Deployer, RolloutRefused
 from pipelines import registry
+from pipelines.config.deploy import DeployConfig
 from pipelines.errors import DetopsError
 
 SECRET_ENV = "DETOPS_MLFLOW_WEBHOOK_SECRET"
@@ -41,6 +52,35 @@ WEBHOOK_NAME = "detops-deploy-watch"
 WEBHOOK_PATH = "/mlflow"
 EVENTS = ["model_version_alias.created", "model_version_alias.deleted"]
 MAX_SKEW_S = 300  # deliveries older than this are refused (replays)
+CONTROL_SOCKET = "watch.sock"  # in deploy.state_dir: `detops deploy rollback` asks the running watcher
+MAX_SOCKET_PATH = 100  # AF_UNIX paths are limited to 107 bytes on Linux
+log = logging.getLogger(__name__)
+
+
+def control_path(cfg: DeployConfig) -> Path:
+    """The watcher's control socket of the deployment `cfg` describes."""
+    return Path(cfg.state_dir).resolve() / CONTROL_SOCKET
+
+
+def ask_watcher(cfg: DeployConfig, request: dict[str, Any], *,
+                timeout_s: float = 900.0) -> dict[str, Any] | None:
+    """Send `request` to the watcher running for this deployment and return its answer; None when no
+    watcher listens (no socket, or one a killed watcher left). A watcher that took the request and
+    stopped before answering is an error: what it did is unknown, so the command must not redo it."""
+    path = control_path(cfg)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return None
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        with sock.makefile("rb") as answers:
+            answer = answers.readline()
+    if not answer:
+        raise DetopsError(f"the watcher ({path}) stopped before answering; see `detops deploy status` "
+                          "before trying again")
+    return json.loads(answer)
 
 
 def signature_ok(secret: str, headers: Any, body: bytes, *, now: float | None = None) -> bool:
@@ -67,6 +107,7 @@ class Watcher:
         self.say = say
         self.wake = threading.Event()
         self.server: ThreadingHTTPServer | None = None
+        self.control_server: socketserver.UnixStreamServer | None = None
 
     def check(self, trigger: str = "watcher") -> str:
         """Compare `@champion` with the live version and act on a difference; what happened, one line."""
@@ -101,6 +142,8 @@ class Watcher:
 
         if webhook is None:
             webhook = tracking_uri().startswith(("http://", "https://"))
+        if not once:
+            self.start_control()
         if webhook and not once:
             self.start_receiver()
             self.register_webhook()
@@ -128,6 +171,61 @@ class Watcher:
                 self.wake.clear()
         finally:
             self.stop_receiver()
+            self.stop_control()
+
+    # ------------------------------------------------------------------ commands from other shells
+    def start_control(self) -> None:
+        """Answer `detops deploy rollback` on the control socket (owner-only), in a background thread.
+        Refused when another watcher answers there: one watcher per deployment."""
+        path = control_path(self.deployer.cfg)
+        if len(str(path)) > MAX_SOCKET_PATH:
+            self.say(f"no control socket: {path} is too long for a Unix socket; rollback commands run in "
+                     "their own process")
+            return
+        if ask_watcher(self.deployer.cfg, {"command": "ping"}, timeout_s=5.0) is not None:
+            raise DetopsError(f"deploy watch: another watcher already follows this deployment ({path})")
+        path.unlink(missing_ok=True)  # left by a killed watcher
+        watcher = self
+
+        class Commands(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                try:
+                    answer = watcher.command(json.loads(self.rfile.readline()))
+                except ValueError:
+                    answer = {"ok": False, "error": "not a JSON request"}
+                self.wfile.write(json.dumps(answer).encode() + b"\n")
+
+        mask = os.umask(0o177)  # the socket is created owner-only: whoever connects may roll back
+        try:
+            self.control_server = socketserver.ThreadingUnixStreamServer(str(path), Commands)
+        finally:
+            os.umask(mask)
+        threading.Thread(target=self.control_server.serve_forever, name="detops-control", daemon=True).start()
+
+    def stop_control(self) -> None:
+        if self.control_server is not None:
+            self.control_server.shutdown()
+            self.control_server.server_close()
+            control_path(self.deployer.cfg).unlink(missing_ok=True)
+            self.control_server = None
+
+    def command(self, request: dict[str, Any]) -> dict[str, Any]:
+        """One request of the control socket: `ping`, or `rollback` with its `reason`; the answer
+        carries the rollout record and the repair notes, or the error."""
+        if request.get("command") == "ping":
+            return {"ok": True}
+        if request.get("command") != "rollback":
+            return {"ok": False, "error": f"unknown command {request.get('command')!r} (ping, rollback)"}
+        deployer = Deployer(self.deployer.cfg, self.deployer.serve)  # its own repair notes
+        try:
+            rollout = deployer.rollback(reason=str(request.get("reason") or "manual rollback"))
+        except DetopsError as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # the command shows it; the traceback stays in the watcher's log
+            log.exception("rollback asked on the control socket failed")
+            return {"ok": False, "error": f"the watcher's rollback failed: {type(exc).__name__}: {exc}"}
+        self.say(f"rollback (asked by a command): v{rollout.version} is live again")
+        return {"ok": True, "rollout": asdict(rollout), "notes": deployer.notes}
 
     # ------------------------------------------------------------------ webhooks
     @property

@@ -31,8 +31,8 @@ def _deployer(serves: bool = True):  # noqa: ANN202 (the type lives in a module 
     return Deployer(cfg, load_section(ServeConfig))
 
 
-def _print_notes(deployer) -> None:  # noqa: ANN001
-    for note in deployer.notes:
+def _print_notes(notes: list[str]) -> None:
+    for note in notes:
         typer.secho(f"repair: {note}", fg=typer.colors.YELLOW)
 
 
@@ -42,7 +42,7 @@ def up() -> None:
     """Serve @champion behind the front door (deploy.port); returns once the front door answers."""
     deployer = _deployer()
     stack = deployer.up()
-    _print_notes(deployer)
+    _print_notes(deployer.notes)
     typer.echo(f"live: v{stack.live_version} on {stack.live} since {stack.live_since}, front door {deployer.front_door}")
 
 
@@ -56,7 +56,7 @@ def rollout(version: Annotated[str, typer.Argument(help="registry version to rol
     rolled back."""
     deployer = _deployer()
     result = deployer.rollout(version)
-    _print_notes(deployer)
+    _print_notes(deployer.notes)
     typer.echo(f"v{result.version} is live on {result.colour} (rollout {result.id}, switch "
                f"{result.figures.get('switch_s')} s); v{result.from_version} stays warm for "
                f"{deployer.cfg.keep_previous_s:g} s; report {deployer.cfg.reports}/rollout-{result.id}.md")
@@ -68,11 +68,21 @@ def rollout(version: Annotated[str, typer.Argument(help="registry version to rol
 @deploy_app.command()
 @user_errors
 def rollback(reason: Annotated[str, typer.Option(help="why, recorded with the rollback")] = "manual rollback") -> None:
-    """Back to the previous version (instant while it is warm); @champion follows."""
+    """Back to the previous version (instant while it is warm); @champion follows. Done by the running
+    `detops deploy watch` when there is one (it has the registry open), else by this command."""
+    from deploy.state import Rollout
+    from deploy.watch import ask_watcher
+
     deployer = _deployer()
-    result = deployer.rollback(reason=reason)
-    _print_notes(deployer)
-    how = f"switch {result.figures['switch_s']} s" if result.figures.get("warm") else "full rollout"
+    answer = ask_watcher(deployer.cfg, {"command": "rollback", "reason": reason})
+    if answer is None:
+        result, notes, by = deployer.rollback(reason=reason), deployer.notes, ""
+    elif not answer["ok"]:
+        raise DetopsError(answer["error"])
+    else:
+        result, notes, by = Rollout(**answer["rollout"]), answer["notes"], ", by the running watcher"
+    _print_notes(notes)
+    how = f"switch {result.figures['switch_s']} s{by}" if result.figures.get("warm") else f"full rollout{by}"
     typer.echo(f"v{result.version} is live again on {result.colour} ({how}); v{result.from_version} rolled back")
 
 

@@ -298,22 +298,40 @@ def test_a_blind_watcher_fails_the_rollback_check(stack: dict[str, object], vers
 
 def test_rollback_while_warm_returns_with_the_registry_moved(stack: dict[str, object],
                                                              versions: dict[str, str]) -> None:
-    """5 `detops deploy rollback` runs in fresh processes, back and forth between the two warm colours;
-    the wall time of each is printed (a figure to report, not a test)."""
+    """`detops deploy rollback` in fresh processes, back and forth between the two warm colours: 5
+    handed to the running watcher (which has the registry open), then 2 with no watcher (the command
+    does it all); the wall times are printed (figures to report, not a test). A second watcher of the
+    same deployment is refused."""
     env = {k: v for k, v in stack["env"].items() if k != "DETOPS_API_KEY"}
-    times = []
-    for _ in range(5):
+
+    def rollback(by_watcher: bool) -> float:
         live = _deployer().status()["live"]["version"]
         started = time.monotonic()
         done = subprocess.run([sys.executable, "-m", "pipelines.cli", "deploy", "rollback", "--reason", "timing"],
                               env=env, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False)
-        times.append(time.monotonic() - started)
+        took = time.monotonic() - started
         assert done.returncode == 0 and "(switch" in done.stdout, done.stdout + done.stderr
+        assert ("by the running watcher" in done.stdout) == by_watcher, done.stdout
         now_live = _deployer().status()["live"]["version"]
         assert now_live != live and registry.alias_version(NAME, "champion") == now_live
         assert registry.resolve(NAME, version=live).tags["deploy.verdict"] == "rolled_back"
-    print(f"\ndetops deploy rollback wall time, 5 runs: {', '.join(f'{t:.2f}' for t in times)} s; "
-          f"median {statistics.median(times):.2f} s")
+        return took
+
+    log = stack["root"] / "watch-rollback.log"
+    watcher = _watcher(stack, log)
+    try:
+        _wait_first_check(watcher, log)
+        second = subprocess.run([sys.executable, "-m", "pipelines.cli", "deploy", "watch", "--no-webhook"], env=env,
+                                cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert second.returncode == 1 and "another watcher already follows" in second.stdout + second.stderr
+        with_watcher = [rollback(True) for _ in range(5)]
+    finally:
+        _stop(watcher)
+    assert "rollback (asked by a command)" in log.read_text()
+    alone = [rollback(False) for _ in range(2)]
+    print(f"\ndetops deploy rollback wall time, handed to the watcher: "
+          f"{', '.join(f'{t:.2f}' for t in with_watcher)} s, median {statistics.median(with_watcher):.2f} s; "
+          f"without a watcher: {', '.join(f'{t:.2f}' for t in alone)} s")
 
 
 def _readme_deployment_block() -> list[str]:

@@ -178,3 +178,29 @@ def test_the_generated_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
     assert {p.name for p in (tmp_path / "route").iterdir()} == {"green", "shadow"}
     nginx.set_routing(tmp_path, live="blue", canary=True)
     assert {p.name for p in (tmp_path / "route").iterdir()} == {"canary"}
+
+
+def test_the_watchers_control_socket_answers_one_watcher_per_deployment(tmp_path: Path) -> None:
+    from deploy.rollout import Deployer
+    from deploy.watch import Watcher, ask_watcher, control_path
+    from pipelines.config.serving import ServeConfig
+    from pipelines.errors import DetopsError
+
+    cfg = DeployConfig(state_dir=str(tmp_path / "state"))
+    assert ask_watcher(cfg, {"command": "ping"}) is None  # no watcher: the command works alone
+    said: list[str] = []
+    watcher = Watcher(Deployer(cfg, ServeConfig()), say=said.append)
+    watcher.start_control()
+    try:
+        assert control_path(cfg).stat().st_mode & 0o777 == 0o600
+        assert ask_watcher(cfg, {"command": "ping"}) == {"ok": True}
+        with pytest.raises(DetopsError, match="another watcher already follows"):
+            Watcher(Deployer(cfg, ServeConfig())).start_control()
+        assert ask_watcher(cfg, {"command": "ping"}) == {"ok": True}  # the refused one left it alone
+        refused = ask_watcher(cfg, {"command": "rollback", "reason": "test"})
+        assert refused == {"ok": False, "error": "deploy rollback: no previous version recorded "
+                                                 "(nothing was rolled out yet)"}
+        assert ask_watcher(cfg, {"command": "reboot"})["error"].startswith("unknown command 'reboot'")
+    finally:
+        watcher.stop_control()
+    assert not control_path(cfg).exists() and ask_watcher(cfg, {"command": "ping"}) is None
