@@ -46,15 +46,41 @@ def image_statistics(rgb: np.ndarray) -> dict[str, float]:
     sharpness is the variance of the Laplacian of the gray image downscaled to at most 256 px (so it
     does not grow with resolution); colourfulness is Hasler & Süsstrunk's (2003) metric.
     """
+    _check_rgb(rgb)
+    return _statistics(rgb.shape, _downscale(rgb, STAT_SIDE))
+
+
+def image_embedding(rgb: np.ndarray) -> np.ndarray:
+    """A 58-dim float32 appearance vector: a 4x4 RGB thumbnail, an 8-bin hue histogram weighted by
+    saturation, and the mean saturation and value, all in [0, 1], taken on the image downscaled to
+    at most 256 px and then 64 px.
+
+    Why not a backbone embedding: serving has no torch, this costs well under a millisecond and is
+    the same on every machine. Its limit: it sees global colour and coarse layout (lighting,
+    background, colour casts), not semantics; a new object class with familiar colours or a change
+    of object scale barely moves it — the per-image statistics and prediction summaries cover those.
+    """
+    _check_rgb(rgb)
+    return _embedding(_downscale(rgb, STAT_SIDE))
+
+
+def image_features(rgb: np.ndarray) -> tuple[dict[str, float], np.ndarray]:
+    """`image_statistics` and `image_embedding` of one image, from one downscale (the area
+    downscale of the full image is most of their cost: this is what the prediction log runs)."""
+    _check_rgb(rgb)
+    small = _downscale(rgb, STAT_SIDE)
+    return _statistics(rgb.shape, small), _embedding(small)
+
+
+def _statistics(shape: tuple[int, ...], small: np.ndarray) -> dict[str, float]:
     import cv2
 
-    _check_rgb(rgb)
-    h, w = rgb.shape[:2]
-    small = _downscale(rgb, STAT_SIDE)
+    h, w = shape[:2]
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
-    # cv2.meanStdDev rather than numpy reductions: this runs after every served prediction.
+    # cv2.meanStdDev rather than numpy reductions: this runs after every served prediction. The
+    # 3x3 Laplacian of 8-bit levels is an exact integer in int16 (half the bytes of float32).
     (brightness,), (contrast,) = cv2.meanStdDev(gray)
-    _, (laplacian_std,) = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F))
+    _, (laplacian_std,) = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_16S))
     channels = small.astype(np.float32)
     r, g, b = channels[..., 0], channels[..., 1], channels[..., 2]
     (rg_mean,), (rg_std,) = cv2.meanStdDev(r - g)
@@ -71,21 +97,12 @@ def image_statistics(rgb: np.ndarray) -> dict[str, float]:
     }
 
 
-def image_embedding(rgb: np.ndarray) -> np.ndarray:
-    """A 58-dim float32 appearance vector: a 4x4 RGB thumbnail, an 8-bin hue histogram weighted by
-    saturation, and the mean saturation and value, all in [0, 1].
-
-    Why not a backbone embedding: serving has no torch, this costs well under a millisecond and is
-    the same on every machine. Its limit: it sees global colour and coarse layout (lighting,
-    background, colour casts), not semantics; a new object class with familiar colours or a change
-    of object scale barely moves it — the per-image statistics and prediction summaries cover those.
-    """
+def _embedding(small: np.ndarray) -> np.ndarray:
     import cv2
 
-    _check_rgb(rgb)
-    small = _downscale(rgb, 64)
-    thumb = cv2.resize(small, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
-    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV).reshape(-1, 3).astype(np.float32)
+    tiny = _downscale(small, 64)
+    thumb = cv2.resize(tiny, (THUMB_SIDE, THUMB_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32) / 255
+    hsv = cv2.cvtColor(tiny, cv2.COLOR_RGB2HSV).reshape(-1, 3).astype(np.float32)
     hue, sat, val = hsv[:, 0] / 180.0, hsv[:, 1] / 255.0, hsv[:, 2] / 255.0
     hist, _ = np.histogram(hue, bins=HIST_BINS, range=(0.0, 1.0), weights=sat)
     hist = hist / max(float(sat.sum()), 1e-6)

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import Counter, Gauge
 
-from monitoring.features import detection_summary, image_embedding, image_statistics
+from monitoring.features import detection_summary, image_features
 from monitoring.store import PredictionRecord, PredictionStore, open_store
 from pipelines.types import Detection
 
@@ -86,7 +86,7 @@ class ImageFeatures:
     def of(cls, image: np.ndarray) -> ImageFeatures:
         """Featurize an RGB uint8 image."""
         h, w = image.shape[:2]
-        return cls(w, h, image_statistics(image), image_embedding(image))
+        return cls(w, h, *image_features(image))
 
 
 def make_record(image: np.ndarray | ImageFeatures, *, sha256: str, request_id: str, detections: Sequence[Detection],

@@ -50,16 +50,16 @@ class ErrorBody(BaseModel):
 
 
 def detect_response(width: int, height: int, sha256: str, detections: Sequence[Detection],
-                    class_names: Sequence[str], model: ModelInfo) -> DetectResponse:
-    """The /detect body of one image."""
-    return DetectResponse(
-        image=ImageInfo(width=width, height=height, sha256=sha256),
-        detections=[DetectionModel(box=BoxModel(x1=d.box.x1, y1=d.box.y1, x2=d.box.x2, y2=d.box.y2),
-                                   class_id=d.class_id, class_name=class_names[d.class_id],
-                                   confidence=d.confidence, raw_confidence=d.raw_confidence)
-                    for d in detections],
-        model=model,
-    )
+                    class_names: Sequence[str], model: ModelInfo) -> dict:
+    """The /detect body of one image: what `DetectResponse` dumps, built as plain dicts (this runs for
+    every answered image; the models above document and check the shape)."""
+    return {
+        "image": {"width": width, "height": height, "sha256": sha256},
+        "detections": [{"box": {"x1": d.box.x1, "y1": d.box.y1, "x2": d.box.x2, "y2": d.box.y2},
+                        "class_id": d.class_id, "class_name": class_names[d.class_id],
+                        "confidence": d.confidence, "raw_confidence": d.raw_confidence} for d in detections],
+        "model": model.model_dump(),
+    }
 
 
 def error_response(code: str, detail: str, status: int, *, retry_after: int | None = None) -> JSONResponse:

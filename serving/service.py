@@ -2,9 +2,9 @@
 
 Public endpoints validate and decode uploads themselves (serving/imaging.py), so a bad file is a 4xx
 for its own request only, then hand the letterboxed pixels to the worker's in-process adaptive
-batcher (serving/batching.py, BentoML's CorkDispatcher without the HTTP self-call): concurrent
-requests (and the images of one /detect_batch call) run as one ONNX batch, and each request
-post-processes its own slice with its own thresholds. Settings: params.yaml `serve:` and
+batcher (serving/batching.py; no HTTP self-call, batches fill without waiting): concurrent
+requests (and the images of one /detect_batch call) run as one ONNX batch, and each request's slice
+is post-processed with its own thresholds in the same thread. Settings: params.yaml `serve:` and
 DETOPS_SERVE_* variables (serving/settings.py); the model: `detops build` (serving/build.py).
 Durable jobs (`/jobs`, run by `detops worker` processes) are a FastAPI app of serving/jobs/ mounted here.
 The Open Inference Protocol (`/v2/...`, KServe V2 / Triton REST) is a Starlette app of
@@ -90,7 +90,10 @@ class _Prepared:
 
 @bentoml.asgi_app(jobs_api.app, path="/")  # POST/GET/DELETE /jobs...: durable jobs (serving/jobs/api.py)
 @bentoml.asgi_app(inference_protocol.app, path="/")  # /v2...: Open Inference Protocol (KServe V2, Triton)
-@bentoml.service(name="detector", workers=CFG.workers, traffic={"timeout": CFG.timeout_s})
+# BentoML's own access log is off: the gateway writes the one access log (JSON, with request id and
+# tenant: serving/gateway/logs.py). Its tracing middleware skips every URL unless serve.tracing.
+@bentoml.service(name="detector", workers=CFG.workers, traffic={"timeout": CFG.timeout_s},
+                 logging={"access": {"enabled": False}}, **({} if CFG.tracing else {"tracing": {"excluded_urls": ".*"}}))
 class Detector:
     """Object detection with a calibrated YOLO model imported from the MLflow registry."""
 
@@ -112,7 +115,7 @@ class Detector:
         # It remembers the features of as many images as the cache holds answers: a hit is logged free.
         self.pred_log = PredictionLogger(CFG.prediction_log, class_names=self.runtime.class_names,
                                          keep_images=CFG.keep_images, remember=CFG.cache_entries)
-        # One adaptive batcher per worker; its dispatcher starts inside the event loop on first use.
+        # One adaptive batcher per worker; its dispatch task starts inside the event loop on first use.
         self.batcher = InferenceBatcher(self._infer_letterboxed, max_batch_size=CFG.max_batch_size,
                                         max_latency_ms=CFG.max_latency_ms,
                                         on_batch=metrics.INFERENCE_BATCH_SIZE.observe)
@@ -201,9 +204,9 @@ class Detector:
         if job.batch is not None:
             GATEWAY.breaker.before()  # 503 circuit_open at once while inference keeps failing
             try:
-                raw = await self.batcher(job.batch)
-                # NMS and calibration in a thread too: the event loop keeps taking requests meanwhile.
-                fresh = await asyncio.to_thread(self.runtime.postprocess, raw, job.metas, params)
+                # NMS and calibration of this request's rows run in the inference thread after its batch.
+                fresh = await self.batcher(job.batch, then=functools.partial(self.runtime.postprocess,
+                                                                               metas=job.metas, params=params))
             except Overloaded as exc:
                 raise RequestRejected("overloaded", str(exc), 503, retry_after=1) from None
             except InferenceFailed as exc:  # logged with its traceback by the batcher
@@ -218,7 +221,7 @@ class Detector:
             for i, dets in zip(sorted(job.pixels), fresh):
                 height, width = job.pixels[i].shape[:2]
                 body = json.dumps(detect_response(width, height, job.sha256[i], dets, self.runtime.class_names,
-                                                  self.model_info).model_dump(), separators=(",", ":")).encode()
+                                                  self.model_info), separators=(",", ":")).encode()
                 job.found[i] = _Answer(width, height, job.sha256[i], tuple(dets), body)
                 if job.keys:
                     self.cache.put(job.keys[i], job.found[i])

@@ -175,6 +175,16 @@ class KeyCache:
         self._entries: dict[str, tuple[ApiKey | None, float]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, key: str) -> tuple[bool, ApiKey | None]:
+        """(True, the key's record or None) while its cached answer is within the TTL; (False, None)
+        when only `lookup` can tell. No database: the gateway asks this first, in its event loop,
+        and pays a thread for `lookup` only on a miss."""
+        with self._lock:
+            cached = self._entries.get(hash_key(key, self.keys.pepper))
+        if cached is not None and cached[1] > time.monotonic():
+            return True, cached[0]
+        return False, None
+
     def lookup(self, key: str) -> ApiKey | None:
         """The key's record (None: unknown or revoked). Raises StoreUnavailable while the database is
         down for a key not seen before, or seen longer ago than its TTL plus the outage grace."""

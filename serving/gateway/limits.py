@@ -12,6 +12,7 @@ warning in the log, and /readyz's `rate_limits` says `enforced: false` until a l
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -40,6 +41,8 @@ class Limits:
         self.limiter = FixedWindowRateLimiter(storage_from_string(url))
         self.failing_since: float | None = None  # wall time of the first failure of the current outage
         self.failure = ""
+        # The quotas of a tenant, resolved once (a pydantic model built per request cost more than the hit).
+        self.policy = functools.lru_cache(maxsize=4096)(cfg.policy)
 
     def report(self) -> dict[str, object]:
         """/readyz's `rate_limits`: whether they are enforced (False while their storage is failing)."""
@@ -69,13 +72,13 @@ class Limits:
 
     def request(self, key_id: str, tenant: str) -> None:
         """Count one request of `key_id` (429 over the tenant's gateway.requests_per_s)."""
-        rate = self.cfg.policy(tenant).requests_per_s or self.cfg.requests_per_s
+        rate = self.policy(tenant).requests_per_s
         self._hit(RateLimitItemPerSecond(rate, namespace="detops-req"), key_id, 1, "rate_limited",
                   f"over {rate} requests/s for this key (gateway.requests_per_s)")
 
     def images_now(self, key_id: str, tenant: str, n: int) -> None:
         """Count `n` images sent for synchronous detection by `key_id` (429 over gateway.images_per_s)."""
-        rate = self.cfg.policy(tenant).images_per_s or self.cfg.images_per_s
+        rate = self.policy(tenant).images_per_s
         if n > rate:
             raise RequestRejected("rate_limited", f"{n} images in one request is over {rate} images/s for this key "
                                   "(gateway.images_per_s)", 429, retry_after=1)
@@ -84,13 +87,13 @@ class Limits:
 
     def images_today(self, tenant: str, n: int) -> None:
         """Count `n` images against the tenant's daily quota (429 `quota_exceeded`)."""
-        per_day = self.cfg.policy(tenant).images_per_day or self.cfg.images_per_day
+        per_day = self.policy(tenant).images_per_day
         self._hit(RateLimitItemPerDay(per_day, namespace="detops-day"), tenant, n, "quota_exceeded",
                   f"tenant {tenant!r} is over its quota of {per_day} images per day (gateway.images_per_day)")
 
     def job_size(self, tenant: str, n: int) -> None:
         """A job of `n` images must fit the tenant's job size (413 `job_too_large`)."""
-        most = self.cfg.policy(tenant).max_job_images or self.cfg.max_job_images
+        most = self.policy(tenant).max_job_images
         if n > most:
             raise RequestRejected("too_many_images", f"{n} images is over tenant {tenant!r}'s limit of {most} "
                                   "images per job (gateway.max_job_images)", 413)

@@ -175,8 +175,10 @@ class Gateway:
         if not key:
             raise RequestRejected("missing_key", "this route needs an API key: header 'Authorization: Bearer <key>' "
                                   "or 'X-API-Key: <key>' (see / for how to get one)", 401)
+        hit, found = self.state.keys.cached(key)
         try:
-            found = await asyncio.to_thread(self.state.keys.lookup, key)
+            if not hit:
+                found = await asyncio.to_thread(self.state.keys.lookup, key)
         except StoreUnavailable:
             raise RequestRejected("auth_unavailable", "keys cannot be checked: the key database is down",
                                   503, retry_after=5) from None

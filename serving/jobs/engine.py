@@ -42,7 +42,7 @@ def detect_encoded(runtime: ModelRuntime, payloads: Sequence[bytes], indices: Se
     for (index, decoded), dets in zip(good, detections):
         if dets is not None:
             body = detect_response(decoded.width, decoded.height, decoded.sha256, dets, runtime.class_names, model)
-            outcomes[index] = ImageResult(index, IMAGE_SUCCEEDED, body=body.model_dump())
+            outcomes[index] = ImageResult(index, IMAGE_SUCCEEDED, body=body)
     return [outcomes[i] for i in indices]
 
 

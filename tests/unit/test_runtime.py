@@ -306,3 +306,16 @@ def test_mutant_runtime_without_chunks_fails_on_a_static_batch_model(tmp_path: P
     with runtime_without_chunks(), pytest.raises(Exception, match="Got: 3 Expected: 1"):
         runtime.predict(images, conf=0.1)
     assert len(runtime.predict(images, conf=0.1)) == 3
+
+
+def test_the_detect_body_is_exactly_what_its_documented_model_dumps() -> None:
+    """The service builds /detect bodies as plain dicts (per image, on the hot path); the pydantic
+    models that document them must read them back unchanged, field for field and in order."""
+    from pipelines.types import Box, Detection
+    from serving.schemas import DetectResponse, ModelInfo, detect_response
+
+    dets = [Detection(Box(1.5, 2.0, 30.25, 40.0), 1, 0.875, 0.5), Detection(Box(0.0, 0.0, 1.0, 1.0), 0, 0.1, 0.2)]
+    body = detect_response(64, 48, "ab" * 32, dets, ["square", "circle"], ModelInfo(name="m", version="3", alias=None))
+    assert DetectResponse.model_validate(body).model_dump() == body
+    assert list(body) == list(DetectResponse.model_fields)
+    assert [d["class_name"] for d in body["detections"]] == ["circle", "square"]
