@@ -89,6 +89,17 @@ def measure_latency(runtime: Any, images: list[np.ndarray], batch_sizes: list[in
             "latency_ms_per_image_by_batch": {str(b): v for b, v in per_image.items()}}
 
 
+def served_single_request_ms(model_dir: Path, files: list[Path], repeats: int) -> float:
+    """Median single-request latency through the service's own path (serving/latency.py) at the
+    serving settings' ONNX Runtime threads, on these image files as uploaded."""
+    from serving.latency import single_request_ms
+    from serving.settings import load_serve_config, ort_threads
+
+    serve = load_serve_config()
+    return single_request_ms(model_dir, [f.read_bytes() for f in files], threads=ort_threads(serve),
+                             repeats=repeats, max_upload_bytes=serve.max_upload_bytes, max_pixels=serve.max_pixels)
+
+
 def confusion_matrix(predictions: dict[int, list[Detection]], gt: dict, n_classes: int, conf: float,
                      iou_threshold: float = CONFUSION_IOU) -> np.ndarray:
     """(n+1) x (n+1) counts, rows = true class, columns = predicted class, index n = background.
@@ -140,6 +151,8 @@ def evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     matrix = confusion_matrix(served, gts["test"], n_classes, runtime.card.thresholds.conf)
     test_images = [read_rgb(p) for p in dataset.images("test")[:max(cfg.latency_batch_sizes)]]
     latency = measure_latency(runtime, test_images, cfg.latency_batch_sizes, cfg.latency_repeats)
+    latency["latency_ms_served_single"] = served_single_request_ms(cfg.model_dir, dataset.images("test")[:16],
+                                                                   cfg.latency_repeats)
 
     metrics = {
         **coco.summary(),

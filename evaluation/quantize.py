@@ -10,7 +10,9 @@ evaluates it exactly as the fp32 model (COCO mAP, its own calibrator and D-ECE, 
 
 `choose_variant` is the gate: int8 only when the lower bound of the paired-bootstrap interval of
 mAP@.5:.95(int8) - mAP@.5:.95(fp32) on the test split is above `-quantize.max_map_drop` and the int8
-model's calibrated D-ECE passes `register.gates.max_dece_calibrated`; otherwise fp32. The decision and
+model's calibrated D-ECE passes `register.gates.max_dece_calibrated` and it answers one request through
+the service's own path no slower than fp32 (`latency_ms_served_single`, serving/latency.py); otherwise
+fp32. The decision and
 both variants' figures go to `<fp32 evaluation>/variant.json`, the registry version's tags and
 description, and the run's metrics.
 """
@@ -144,7 +146,8 @@ class VariantDecision:
         return asdict(self)
 
 
-FIGURES = ("map50_95", "map50", "dece", "dece_calibrated", "latency_ms_batch1", "latency_ms_per_image_best_batch")
+FIGURES = ("map50_95", "map50", "dece", "dece_calibrated", "latency_ms_batch1",
+           "latency_ms_per_image_best_batch", "latency_ms_served_single")
 
 
 def choose_variant(cfg: QuantizeConfig, fp32_dir: Path, fp32_evaluation: Path, max_dece_calibrated: float,
@@ -175,14 +178,23 @@ def choose_variant(cfg: QuantizeConfig, fp32_dir: Path, fp32_evaluation: Path, m
         accurate = low > -cfg.max_map_drop
         calibrated = int8["dece_calibrated"] <= max_dece_calibrated
         speedup = fp32["latency_ms_batch1"] / int8["latency_ms_batch1"] if int8["latency_ms_batch1"] else None
+        served_fp32, served_int8 = fp32.get("latency_ms_served_single"), int8.get("latency_ms_served_single")
+        # A client waits for the service's path, not the engine's: at small sizes int8 can win in the
+        # engine and still not answer one request sooner (serving/latency.py). Evaluations older than
+        # this figure are judged without it.
+        fast = served_fp32 is None or served_int8 is None or served_int8 <= served_fp32
         interval = f"mAP@.5:.95 int8 - fp32 {delta:+.4f}, 95% CI [{low:+.4f}, {high:+.4f}]"
-        if accurate and calibrated:
+        if accurate and calibrated and fast:
+            served = (f"; one request through the service's path {served_int8:.1f} ms vs {served_fp32:.1f} ms"
+                      if served_fp32 is not None and served_int8 is not None else "")
             chosen, why = "int8", (f"int8 as good: {interval} (lower bound > -{cfg.max_map_drop:g}), calibrated "
                                    f"D-ECE {int8['dece_calibrated']:.4f} <= {max_dece_calibrated:g}; "
-                                   f"single-image latency {speedup:.2f}x faster")
+                                   f"single-image latency {speedup:.2f}x faster{served}")
         else:
             failed = [f"{interval} (lower bound <= -{cfg.max_map_drop:g})"] if not accurate else []
             failed += [f"int8 calibrated D-ECE {int8['dece_calibrated']:.4f} > {max_dece_calibrated:g}"] if not calibrated else []
+            failed += [(f"int8 is slower for one request through the service's path ({served_int8:.1f} ms vs "
+                        f"fp32 {served_fp32:.1f} ms)")] if not fast else []
             chosen, why = "fp32", "int8 not as good: " + "; ".join(failed)
         folder, evaluation = (cfg.out, int8_eval) if chosen == "int8" else (fp32_dir, fp32_evaluation)
         decision = VariantDecision(chosen, why, str(folder), str(evaluation), delta, low, high, fp32, int8)

@@ -153,8 +153,8 @@ class InferenceBatcher:
             if first.submitted < deadline:
                 self._waiting.popleft()
                 first.future.set_exception(Overloaded(
-                    f"the inference could not start within serve.max_latency_ms ({self.max_latency_ms} ms) in "
-                    "this worker; retry later"))
+                    f"the inference could not start within serve.max_latency_ms ({self.max_latency_ms} ms) "
+                    "in this worker; retry later"))
                 continue
             n = len(first.images)
             if batch and size + n > self.max_batch_size:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import hashlib
 import json
 import logging
@@ -93,7 +94,8 @@ class _Prepared:
 # BentoML's own access log is off: the gateway writes the one access log (JSON, with request id and
 # tenant: serving/gateway/logs.py). Its tracing middleware skips every URL unless serve.tracing.
 @bentoml.service(name="detector", workers=CFG.workers, traffic={"timeout": CFG.timeout_s},
-                 logging={"access": {"enabled": False}}, **({} if CFG.tracing else {"tracing": {"excluded_urls": ".*"}}))
+                 logging={"access": {"enabled": False}},
+                 **({} if CFG.tracing else {"tracing": {"excluded_urls": ".*"}}))
 class Detector:
     """Object detection with a calibrated YOLO model imported from the MLflow registry."""
 
@@ -124,6 +126,10 @@ class Detector:
         self.runtime.predict([np.full((size, size, 3), 114, np.uint8)])
         if GATEWAY.monitor is not None:
             GATEWAY.monitor.start()
+        # What startup made lives as long as the worker: out of the collector's sight, a full collection
+        # no longer walks it. Those walks were the cache hits' p99 (28-79 ms -> 7-16 ms, docs/performance.md).
+        gc.collect()
+        gc.freeze()
         self.ready = True
 
     def __is_ready__(self) -> bool:

@@ -59,6 +59,7 @@ TARGET_SERVED_OVER_RAW = {640: 0.9, 160: 0.75}
 TARGET_SERVED_OVER_NAIVE = {640: 3.0}
 TARGET_HALF_LOAD_P95_OVER_SINGLE = 2.0
 TARGET_CACHE_HIT_P99_MS = 10.0
+TARGET_GATE_WITHIN = 0.15  # the variant gate's single-request int8/fp32 ratio vs the served one
 TARGET_V2_WITHIN = 0.10  # /v2/.../infer (binary) vs /detect: images/s and single-request p50 within 10 %
 CACHE_HIT_JPEG_BYTES = 137_000
 
@@ -378,7 +379,9 @@ def cache_hit_jpeg(target_bytes: int = CACHE_HIT_JPEG_BYTES) -> bytes:
 def run(args: argparse.Namespace) -> dict:
     """Every row, the cache-hit measurement and the machine; the JSON report."""
     from serving.imaging import decode_image
+    from serving.latency import single_request_ms
     from serving.runtime import ModelCard
+    from serving.settings import load_serve_config, ort_threads
     from tests.serving_process import (BENCH_OVERRIDES, auth_overrides, detector_service, mint_key, service_env,
                                        synthetic_jpegs)
 
@@ -414,6 +417,9 @@ def run(args: argparse.Namespace) -> dict:
             raw = bench_raw_machine(folder, jpeg_dir, cores, args.engine_seconds)
             print(f"  raw machine: {raw['best_decode_excluded']:.1f} img/s decode excluded, "
                   f"{raw['best_decode_included']:.1f} decode included", flush=True)
+            # What the variant gate measures (evaluate's latency_ms_served_single), to compare with the served p50.
+            gate_ms = single_request_ms(folder, jpegs, threads=ort_threads(load_serve_config()), repeats=100,
+                                        max_upload_bytes=1 << 30, max_pixels=1 << 30)
             with detector_service(folder, work / f"serve-{size}-{precision}",
                                   overrides={"DETOPS_SERVE_CACHE_ENTRIES": "0", **secured}) as server:
                 run_wrk(server.url + "/detect", files, "raw", args.connections, 2)  # warm-up
@@ -445,7 +451,8 @@ def run(args: argparse.Namespace) -> dict:
                 "served_over_raw": best["images_per_s"] / raw_machine,
                 "served_over_raw_decode_excluded": best["images_per_s"] / raw["best_decode_excluded"],
                 "served_over_naive": best["images_per_s"] / naive["images_per_s"] if naive["images_per_s"] else None,
-                "p50_single_ms": lat["single"]["p50_ms"], "p95_half_load_ms": lat["half_load"]["p95_ms"],
+                "p50_single_ms": lat["single"]["p50_ms"], "gate_single_ms": gate_ms,
+                "p95_half_load_ms": lat["half_load"]["p95_ms"],
                 "p95_half_load_over_p50_single": lat["p95_half_load_over_p50_single"],
                 "client_cpu_share": best["client_cpu_share"], **v2,
                 "raw": raw, "served_loads": loads, "naive": naive, "latency": lat,
@@ -516,6 +523,11 @@ def summarize(rows: list[dict], cache: dict, model: dict, seconds: float) -> dic
             fp32, int8 = pair["fp32"]["p50_single_ms"], pair["int8"]["p50_single_ms"]
             targets.append({"what": f"p50 single int8 / fp32 ({size})", "value": int8 / fp32, "target": "<= 1.0",
                             "pass": int8 <= fp32})
+            # The variant gate's in-process ratio must tell what the served one does.
+            gate = pair["int8"]["gate_single_ms"] / pair["fp32"]["gate_single_ms"]
+            targets.append({"what": f"gate int8/fp32 over served int8/fp32 ({size})", "value": gate / (int8 / fp32),
+                            "target": f"within {TARGET_GATE_WITHIN:.0%} of 1",
+                            "pass": abs(gate / (int8 / fp32) - 1) <= TARGET_GATE_WITHIN})
     targets.append({"what": f"cache-hit p99 ms ({cache['jpeg_bytes']} B JPEG, raw body)", "value": cache["raw"]["p99_ms"],
                     "target": f"<= {TARGET_CACHE_HIT_P99_MS}", "pass": cache["raw"]["p99_ms"] <= TARGET_CACHE_HIT_P99_MS})
     return {"machine": machine(), "model": model, "bench_seconds": seconds, "rows": rows, "cache_hit": cache,
@@ -533,7 +545,7 @@ def print_report(report: dict) -> None:
                   f"load average at the end {m['load_average_at_end']}")
     table = Table(title="serving vs the machine's engine (images/s)")
     for col in ("imgsz", "precision", "raw machine (decode incl.)", "raw (decode excl.)", "served", "body",
-                "naive", "served/raw", "served/naive", "p50 single ms", "p95 half ms", "p95half/p50", "wrk CPU %",
+                "naive", "served/raw", "served/naive", "p50 single ms", "gate ms", "p95 half ms", "p95half/p50", "wrk CPU %",
                 "/v2 infer", "/v2 p50 ms"):
         table.add_column(col, justify="right")
     for r in report["rows"]:
@@ -541,7 +553,7 @@ def print_report(report: dict) -> None:
                       f"{r['raw_machine_decode_excluded_images_per_s']:.1f}", f"{r['served_images_per_s']:.1f}",
                       r["served_body"], f"{r['naive_images_per_s']:.1f}", f"{r['served_over_raw']:.2f}",
                       f"{r['served_over_naive']:.2f}" if r["served_over_naive"] else "-",
-                      f"{r['p50_single_ms']:.1f}", f"{r['p95_half_load_ms']:.1f}",
+                      f"{r['p50_single_ms']:.1f}", f"{r['gate_single_ms']:.1f}", f"{r['p95_half_load_ms']:.1f}",
                       f"{r['p95_half_load_over_p50_single']:.2f}" if r["p95_half_load_over_p50_single"] else "-",
                       f"{100 * r['client_cpu_share']:.1f}", f"{r['v2_images_per_s']:.1f}",
                       f"{r['v2_p50_single_ms']:.1f}")

@@ -12,6 +12,7 @@ import pytest
 from evaluation.coco import coco_metrics
 from pipelines.config.model import EvaluateConfig
 from pipelines.errors import DetopsError
+from pipelines.types import YoloDataset
 from serving.calibrator import Calibrator
 from serving.runtime import ModelRuntime
 
@@ -49,6 +50,7 @@ def test_evaluate_writes_reports_calibrator_and_logs_to_the_training_run(model_d
         assert 0.0 <= written[key] <= 1.0, key
     assert written["latency_ms_batch1"] > 0 and written["best_batch"] in (1, 4)
     assert written["latency_ms_per_image_best_batch"] > 0
+    assert written["latency_ms_served_single"] > 0
     card = ModelRuntime.load(model_dir).card
     assert set(written["per_class"]) == set(card.classes)
     assert set(written["size"]) == {"small", "medium", "large"}
@@ -105,3 +107,16 @@ def test_class_mismatch_is_refused(model_dir: Path, yolo_dataset: Path, tmp_path
     card_path.write_text(json.dumps(card))
     with pytest.raises(DetopsError, match="model classes"):
         evaluate(_cfg(model_dir, yolo_dataset, tmp_path / "report"))
+
+
+def test_the_served_path_latency_decodes_uploads_as_the_service_does(model_dir: Path, yolo_dataset: Path) -> None:
+    """serving/latency.py runs the service's steps on encoded uploads: a valid image file is timed, a
+    truncated one is refused by the service's own decoder (RequestRejected), never timed as fast."""
+    from serving.imaging import RequestRejected
+    from serving.latency import single_request_ms
+
+    image = next(iter(YoloDataset.load(yolo_dataset).images("test")))
+    limits = {"max_upload_bytes": 1 << 24, "max_pixels": 1 << 24}
+    assert single_request_ms(model_dir, [image.read_bytes()], threads=1, repeats=3, **limits) > 0
+    with pytest.raises(RequestRejected):
+        single_request_ms(model_dir, [image.read_bytes()[:200]], threads=1, repeats=3, **limits)

@@ -43,12 +43,14 @@ def _dt_uneven(gt: dict, every: int, shift: float) -> list[dict]:
             for a in gt["annotations"] for s in [shift if a["image_id"] % every == 0 else 0.0]]
 
 
-def _evaluation(folder: Path, gt: dict, dt: list[dict], dece: float, latency: float) -> Path:
+def _evaluation(folder: Path, gt: dict, dt: list[dict], dece: float, latency: float,
+                served: float | None = None) -> Path:
     folder.mkdir(parents=True)
     (folder / "coco_gt.json").write_text(json.dumps(gt))
     (folder / "coco_dt.json").write_text(json.dumps(dt))
     (folder / "metrics.json").write_text(json.dumps({"map50_95": 0.5, "map50": 0.9, "dece": 0.1,
-                                                     "dece_calibrated": dece, "latency_ms_batch1": latency}))
+                                                     "dece_calibrated": dece, "latency_ms_batch1": latency,
+                                                     "latency_ms_served_single": served or latency + 4}))
     return folder
 
 
@@ -104,6 +106,20 @@ def test_int8_within_the_allowance_on_average_but_not_at_the_lower_bound_keeps_f
 def test_int8_gate_on_the_point_estimate_is_caught(tmp_path: Path, fp32: Path) -> None:
     with int8_gate_on_point_estimate(), pytest.raises(AssertionError, match="chosen='int8'"):
         check_int8_needs_the_lower_bound(tmp_path, fp32)
+
+
+def test_int8_faster_in_the_engine_but_slower_served_keeps_fp32(tmp_path: Path, fp32: Path) -> None:
+    """As accurate and calibrated, 1.67x faster in the engine, but one request through the service's
+    path takes longer than fp32's (14 ms): fp32 is served."""
+    _evaluation(tmp_path / "int8", _gt(), _dt(_gt(), 1.0), 0.03, 6.0, served=15.0)
+    decision = _choose(_cfg(tmp_path), fp32)
+    assert decision.chosen == "fp32", decision
+    assert "slower for one request through the service's path (15.0 ms vs fp32 14.0 ms)" in decision.reason
+    faster = tmp_path / "faster"
+    faster.mkdir()
+    _evaluation(faster / "int8", _gt(), _dt(_gt(), 1.0), 0.03, 6.0, served=13.0)
+    decision = _choose(_cfg(faster), fp32)
+    assert decision.chosen == "int8" and "13.0 ms vs 14.0 ms" in decision.reason
 
 
 def test_badly_calibrated_int8_is_refused(tmp_path: Path, fp32: Path) -> None:
