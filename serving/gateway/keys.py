@@ -188,15 +188,16 @@ class KeyCache:
     def lookup(self, key: str) -> ApiKey | None:
         """The key's record (None: unknown or revoked). Raises StoreUnavailable while the database is
         down for a key not seen before, or seen longer ago than its TTL plus the outage grace."""
+        hit, found = self.cached(key)
+        if hit:
+            return found
         digest = hash_key(key, self.keys.pepper)
         now = time.monotonic()
-        with self._lock:
-            cached = self._entries.get(digest)
-        if cached is not None and cached[1] > now:
-            return cached[0]
         try:
             found = self.keys.lookup(key)
         except StoreUnavailable:
+            with self._lock:
+                cached = self._entries.get(digest)
             if cached is not None and cached[0] is not None and now < cached[1] + self.grace_s:
                 return cached[0]  # the database is down: a known key keeps its last answer, for a while
             raise

@@ -79,8 +79,11 @@ def test_key_cache_ttl_and_database_down(keys: KeyStore, tmp_path: Path) -> None
     assert cache.lookup(key).key_id == record.key_id
     keys.revoke(record.key_id)
     assert cache.lookup(key) is not None  # within the TTL: the cached answer
+    assert cache.cached(key) == (True, cache.lookup(key))  # what the gateway asks first, without a thread
     time.sleep(0.35)
+    assert cache.cached(key) == (False, None)  # past the TTL only the database can tell
     assert cache.lookup(key) is None  # after it: revoked everywhere
+    assert cache.cached(key) == (True, None)
     _, other = keys.create("acme", "detect")
     assert cache.lookup(other) is not None
     time.sleep(0.35)
