@@ -130,7 +130,12 @@ class InferenceBatcher:
                 batch = self._next_batch()
                 if not batch:
                     continue
-                outcomes = await loop.run_in_executor(self._thread, self._run, batch)
+                try:
+                    outcomes = await loop.run_in_executor(self._thread, self._run, batch)
+                except Exception as exc:  # the inference thread itself is gone: never leave callers waiting
+                    log.exception("the inference thread could not run a batch of %d submissions", len(batch))
+                    failed = InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")
+                    outcomes = [(False, failed)] * len(batch)
                 for submission, (ok, value) in zip(batch, outcomes):
                     if submission.future.done():  # its caller went away
                         continue

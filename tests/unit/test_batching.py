@@ -122,3 +122,15 @@ def test_a_submission_that_cannot_start_within_max_latency_is_refused() -> None:
     first, *late = asyncio.run(run())
     assert isinstance(first, np.ndarray)
     assert all(isinstance(o, Overloaded) and "could not start within" in str(o) for o in late)
+
+
+def test_a_dead_inference_thread_fails_the_callers_instead_of_leaving_them_waiting() -> None:
+    batcher = InferenceBatcher(_slow_identity, max_batch_size=4, max_latency_ms=5000)
+    batcher._thread.shutdown()  # what a broken executor looks like to the dispatcher
+
+    async def run() -> list[BaseException | np.ndarray]:
+        return await asyncio.wait_for(asyncio.gather(*(batcher(np.zeros((1, 1))) for _ in range(3)),
+                                                     return_exceptions=True), timeout=5)
+
+    outcomes = asyncio.run(run())
+    assert all(isinstance(o, InferenceFailed) for o in outcomes), outcomes
