@@ -7,11 +7,15 @@ collected from all workers. Import this module only in the serving process.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
+from starlette.routing import Route
 
 from pipelines.types import Detection
+
+UNMATCHED = "unmatched"
 
 DETECTIONS_PER_IMAGE = Histogram(
     "detops_detections_per_image", "Detections returned per image",
@@ -55,3 +59,63 @@ def observe_detections(detections: Sequence[Detection]) -> None:
     DETECTIONS_PER_IMAGE.observe(len(detections))
     for det in detections:
         CONFIDENCE.observe(det.confidence)
+
+
+class RouteLabels:
+    """The `endpoint` label of a request: the path of a route without parameters, the template of one
+    with parameters (`/jobs/{job_id}`), `<prefix>{path}` under a static prefix, and `unmatched` for a
+    path no route serves. Never the raw path: a label value per job id, or per URL a scanner tries, is
+    a new time series in every worker, kept for the worker's life (the soak's RSS growth,
+    docs/performance.md), and a longer /metrics at every scrape."""
+
+    def __init__(self, paths: Iterable[str], apps: Iterable[Any], prefixes: Iterable[str] = ()) -> None:
+        """`paths`: routes served as they are; `apps`: Starlette apps whose routes are added (their
+        templates); `prefixes`: folders of files (`/static_content/`)."""
+        routes = [route for app in apps for route in app.routes if isinstance(route, Route)]
+        self.paths = frozenset(paths) | {route.path for route in routes if not route.param_convertors}
+        self.prefixes = tuple(prefixes)
+        self.templates = [(route.path_regex, route.path) for route in routes if route.param_convertors]
+
+    def __call__(self, path: str) -> str:
+        if path in self.paths:
+            return path
+        for prefix in self.prefixes:
+            if path.startswith(prefix):
+                return prefix + "{path}"
+        return next((template for regex, template in self.templates if regex.match(path)), UNMATCHED)
+
+
+def label_http_metrics_by_route(label: Callable[[str], str]) -> None:
+    """Make BentoML's request metrics (`bentoml_service_request_*`, which deploy/k8s queries) label
+    `endpoint` with `label(path)` instead of the raw path.
+
+    BentoML offers no setting for it: its middleware is replaced, before the worker builds its app, by
+    a subclass that hands it the label as the path while the app behind it gets the real one back.
+    Call this at the service module's import (the worker imports it first)."""
+    from bentoml._internal.server.http import instruments
+
+    bentoml_metrics = getattr(instruments, "RunnerTrafficMetricsMiddleware", None)
+    if bentoml_metrics is None:
+        raise ImportError("bentoml._internal.server.http.instruments.RunnerTrafficMetricsMiddleware is gone: "
+                          "this BentoML version is not the one serving/metrics.py was written for")
+    if getattr(bentoml_metrics, "labels_routes", False):
+        return
+    real_path = "detops.real_path"
+
+    class RouteLabelledMetrics(bentoml_metrics):
+        labels_routes = True
+
+        def __init__(self, app: Callable[..., Any], **options: Any) -> None:
+            async def with_real_path(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+                if real_path in scope:
+                    scope = {**scope, "path": scope[real_path]}
+                await app(scope, receive, send)
+
+            super().__init__(with_real_path, **options)
+
+        async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+            if scope["type"] == "http":
+                scope = {**scope, "path": label(scope["path"]), real_path: scope["path"]}
+            await super().__call__(scope, receive, send)
+
+    instruments.RunnerTrafficMetricsMiddleware = RouteLabelledMetrics

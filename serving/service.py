@@ -44,6 +44,7 @@ from serving.forms import DetectBatchInput, DetectInput  # noqa: E402
 from serving.gateway import build_state, context, logs  # noqa: E402
 from serving.gateway import docs as api_docs  # noqa: E402
 from serving.gateway.middleware import Gateway  # noqa: E402
+from serving.gateway.scopes import PUBLIC_PATHS, PUBLIC_PREFIXES  # noqa: E402
 from serving.guard import REQUEST_TRAFFIC, RequestGuard  # noqa: E402
 from serving.imaging import RequestRejected, check_size, decode_image, decode_rgb  # noqa: E402
 from serving import inference_protocol  # noqa: E402
@@ -318,6 +319,11 @@ def served_model() -> ModelInfo:
     return ModelInfo(name=labels.get("registry_name", info.metadata.get("card_name", CFG.model_name)),
                      version=labels.get("registry_version", f"local:{info.tag.version}"), alias=labels.get("alias"))
 
+
+# BentoML's request metrics by route template, not raw path (a series per job id grew every worker).
+metrics.label_http_metrics_by_route(metrics.RouteLabels(
+    {api.route for api in Detector.apis.values()} | PUBLIC_PATHS, (jobs_api.app, inference_protocol.app),
+    prefixes=PUBLIC_PREFIXES))
 
 Detector.add_asgi_middleware(RequestGuard, model_version=lambda: served_model().version, upload_limits={
     "/detect": (CFG.max_upload_bytes, "serve.max_upload_bytes"), "/render": (CFG.max_upload_bytes, "serve.max_upload_bytes"),

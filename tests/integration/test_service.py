@@ -305,6 +305,21 @@ def test_every_response_names_the_model_version(server: dict) -> None:
     assert bad.headers["x-model-version"] == probe.headers["x-model-version"] == ok.headers["x-model-version"]
 
 
+def test_request_metrics_are_labelled_by_route_not_by_path(server: dict) -> None:
+    """A job id or a scanned URL in the path is no new series of BentoML's request metrics (each was
+    kept for a worker's life: the soak's RSS growth); deploy/k8s's queries still find /detect."""
+    ids = [os.urandom(8).hex() for _ in range(3)]
+    for job_id in ids:
+        httpx.get(f"{server['url']}/jobs/{job_id}/results")
+        httpx.get(f"{server['url']}/scan-{job_id}")
+    assert post(server, "/detect", {"image": ("m.png", images.png(30, 30, seed=5))}).status_code == 200
+    series = [line for line in httpx.get(server["url"] + "/metrics").text.splitlines()
+              if line.startswith("bentoml_service_request_total{")]
+    endpoints = {re.search(r'endpoint="([^"]*)"', line).group(1) for line in series}
+    assert {"/detect", "/jobs/{job_id}/results", "unmatched"} <= endpoints, endpoints
+    assert not any(job_id in line for line in series for job_id in ids)
+
+
 def test_the_kubernetes_manifests_use_metrics_and_probe_routes_this_service_has(server: dict) -> None:
     """deploy/k8s's analyses and alerts query the service's own series (read here from /metrics after
     one request), with the labels they filter on; its probes answer, saying which version serves."""
