@@ -9,7 +9,8 @@ The service (2 BentoML workers), the job store (SQLite), the embedded broker and
 in a temporary folder; the model folder (`--model-dir`, default loadtest.model_dir) is imported into a
 private BentoML home and registered in a private MLflow registry as the workers' @champion.
 The warm-up is 5 minutes (a sixth of the run when that is shorter): `make soak SOAK_TIME=30m` measures
-minute 5 -> 30. Exit code 0 when every target is met, 1 otherwise.
+minute 5 -> 30, a process's RSS at each mark being the lowest of its samples (every 5 s) in the minute
+before it. Exit code 0 when every target is met, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -67,18 +68,25 @@ class RssSampler:
             self.samples.append((time.monotonic(), now))
             self._stop.wait(self.interval_s)
 
-    def growth(self, warmup_s: float) -> tuple[list[dict[str, object]], list[str]]:
-        """Per process alive at both ends: RSS after warm-up, at the end, growth in %; and the processes
-        alive at only one of the two ends (restarted, recycled or gone)."""
+    def growth(self, warmup_s: float, window_s: float = 60.0) -> tuple[list[dict[str, object]], list[str]]:
+        """Per process alive at both ends: its RSS at the end of the warm-up and at the end of the run,
+        growth in %; and the processes alive at only one of the two ends (restarted, recycled or gone).
+        The RSS at a mark is the lowest sample of the `window_s` before it: a leak raises that floor,
+        a buffer held for a moment (the featurizers swing by ±5 % batch to batch) does not."""
         if not self.samples:
             return [], []
-        t0 = self.samples[0][0]
-        base = next((s for t, s in self.samples if t - t0 >= warmup_s), self.samples[0][1])
-        last = self.samples[-1][1]
+        t0, t_end = self.samples[0][0], self.samples[-1][0]
+        t_base = next((t for t, _ in self.samples if t - t0 >= warmup_s), t0)
+        base, last = self._floor(t_base - window_s, t_base), self._floor(t_end - window_s, t_end)
         rows = [{"process": name, "rss_start_mb": round(base[name] / 2**20, 1), "rss_end_mb": round(last[name] / 2**20, 1),
                  "growth_pct": round(100 * (last[name] - base[name]) / base[name], 1)}
                 for name in sorted(set(base) & set(last))]
         return rows, sorted(set(base) ^ set(last))
+
+    def _floor(self, since: float, until: float) -> dict[str, int]:
+        """Each process's lowest RSS among the samples taken in [since, until], if it is alive at `until`."""
+        window = [rss for t, rss in self.samples if since <= t <= until]
+        return {name: min(rss[name] for rss in window if name in rss) for name in window[-1]}
 
     def per_minute(self) -> dict[str, list[float | None]]:
         """Each process's RSS in MB at every whole minute of the run (None: not alive then)."""

@@ -26,10 +26,17 @@ def _stats(out: Path, failures: int = 0) -> Path:
 def test_growth_counts_from_the_end_of_the_warm_up() -> None:
     # 100 -> 200 MB during the warm-up is loading, not a leak; 200 -> 209 after it is +4.5 %.
     sampler = _sampler([{"w:1": 100}, {"w:1": 200}, {"w:1": 205}, {"w:1": 209}])
-    rows, changed = sampler.growth(warmup_s=60)
+    rows, changed = sampler.growth(warmup_s=60, window_s=0)
     assert rows == [{"process": "w:1", "rss_start_mb": 200.0, "rss_end_mb": 209.0, "growth_pct": 4.5}]
     assert changed == []
     assert sampler.per_minute() == {"w:1": [100.0, 200.0, 205.0, 209.0]}
+
+
+def test_a_swing_is_not_growth_a_rising_floor_is() -> None:
+    swinging = _sampler([{"f:1": mb} for mb in (80, 88, 80, 88, 80, 88)], interval_s=10)
+    assert swinging.growth(warmup_s=20, window_s=10)[0][0]["growth_pct"] == 0.0
+    leaking = _sampler([{"f:1": mb} for mb in (80, 88, 80, 88, 90, 98)], interval_s=10)
+    assert leaking.growth(warmup_s=20, window_s=10)[0][0]["growth_pct"] == 12.5
 
 
 @pytest.mark.parametrize(("series", "failures", "code"), [
@@ -40,4 +47,4 @@ def test_growth_counts_from_the_end_of_the_warm_up() -> None:
     ([{"w:1": 200}, {"w:1": 200}], 1, 1),  # an error
 ])
 def test_the_run_fails_itself(tmp_path: Path, series: list[dict[str, int]], failures: int, code: int) -> None:
-    assert _report(_stats(tmp_path, failures), *_sampler(series).growth(warmup_s=0)) == code
+    assert _report(_stats(tmp_path, failures), *_sampler(series).growth(warmup_s=0, window_s=0)) == code
