@@ -291,10 +291,12 @@ class RawBodyClient:
         try:
             writer.write(self.requests[index % len(self.requests)])
             status = (await reader.readline()).split()
-            length = 0
+            length = None
             while (line := await reader.readline()) not in (b"\r\n", b""):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
+            if length is None:  # a body it cannot delimit (closed early, chunked): never reuse the connection
+                raise ValueError("response without Content-Length")
             await reader.readexactly(length)
         except (OSError, asyncio.IncompleteReadError, ValueError):
             writer.close()
@@ -724,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-load", type=float, default=QUIET_LOAD,
                         help="a run starting above this 1-minute load average is discarded")
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error(f"--runs {args.runs}: at least 1 run")
     try:
         report = run_quiet(args)
     except DetopsError as exc:
