@@ -36,7 +36,11 @@ MAX_RSS_GROWTH_PCT = 5.0
 
 
 def _seconds(text: str) -> int:
-    return int(text[:-1]) * {"s": 1, "m": 60, "h": 3600}[text[-1]]
+    """`30s`, `10m`, `1h` -> seconds (an argparse type: anything else is a usage error naming it)."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    if len(text) < 2 or text[-1] not in units or not text[:-1].isdigit() or int(text[:-1]) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive whole number and s, m or h (30s, 10m, 1h)")
+    return int(text[:-1]) * units[text[-1]]
 
 
 class RssSampler:
@@ -110,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_section(LoadTestConfig)
     parser = argparse.ArgumentParser(prog="python -m tests.load.soak", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, default=cfg.model_dir)
-    parser.add_argument("--run-time", default="10m", help="e.g. 30s, 10m")
+    parser.add_argument("--run-time", default="10m", type=_seconds, help="e.g. 30s, 10m")
     parser.add_argument("--users", type=int, default=6)
     parser.add_argument("--out", type=Path, default=Path("reports/soak"))
     args = parser.parse_args(argv)
@@ -150,11 +154,11 @@ def _soak(args: argparse.Namespace, tmp: Path) -> int:
                               concurrency=1)
         sampler = RssSampler({"service": server.pid, "jobs-worker": worker.pid}, interval_s=5)
         sampler.start()
-        seconds = _seconds(args.run_time)
-        print(f"soak: {server.url}, {args.users} users, two tenants, {args.run_time}", flush=True)
+        seconds = args.run_time
+        print(f"soak: {server.url}, {args.users} users, two tenants, {seconds} s", flush=True)
         try:
             subprocess.run([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", server.url,
-                            "-u", str(args.users), "-r", "2", "-t", args.run_time, "--csv", str(args.out / "soak"),
+                            "-u", str(args.users), "-r", "2", "-t", f"{seconds}s", "--csv", str(args.out / "soak"),
                             "--only-summary", "--exit-code-on-error", "0"], cwd=ROOT,
                            env={**os.environ, "DETOPS_SOAK_KEYS": ",".join(keys), "PYTHONPATH": str(ROOT)},
                            timeout=seconds + 300, check=False)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
 
-from tests.load.soak import RssSampler, _report
+from tests.load.soak import RssSampler, _report, _seconds
 
 MB = 2**20
 
@@ -48,3 +49,10 @@ def test_a_swing_is_not_growth_a_rising_floor_is() -> None:
 ])
 def test_the_run_fails_itself(tmp_path: Path, series: list[dict[str, int]], failures: int, code: int) -> None:
     assert _report(_stats(tmp_path, failures), *_sampler(series).growth(warmup_s=0, window_s=0)) == code
+
+
+def test_a_bad_run_time_is_a_usage_error_naming_it() -> None:
+    assert _seconds("30s") == 30 and _seconds("10m") == 600
+    for bad in ("10x", "m", "0m", "-5m"):
+        with pytest.raises(argparse.ArgumentTypeError, match=f"'{bad}'"):
+            _seconds(bad)
